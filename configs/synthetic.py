@@ -1,0 +1,62 @@
+"""FedPav on the embedded synthetic federated re-ID benchmark (the default).
+
+  python -m fedreid_jax.main --config configs/synthetic.py --workdir runs/demo
+
+About 3-4 minutes on a 2-core CPU (data generation included), seconds on a GPU.
+Nine synthetic domains mirroring the nine real datasets' relative sizes and
+camera counts, 64x32 images, a narrow ResNet; FedPav then the local-training
+baseline, compared in one table.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"  # see fedreid_jax.datasets.registry
+  c.data.root = "data"
+  c.data.image_size = (64, 32)
+  c.data.clients = ()  # empty: every client of the benchmark
+  c.data.in_memory = True  # keep decoded training images in host memory
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet_tiny"
+  c.model.width = 16
+  c.model.last_stride = 1
+  c.model.small_stem = False
+  c.model.embed_dim = 512
+  c.model.dropout = 0.5
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32
+  c.train.local_epochs = 1
+  c.train.lr_backbone = 0.05  # from scratch: the paper's 0.005 assumes ImageNet weights
+  c.train.lr_head = 0.05
+  c.train.momentum = 0.9
+  c.train.nesterov = True
+  c.train.weight_decay = 5e-4
+  c.train.pad = 4  # pad-and-crop pixels (10 at 256x128)
+  c.train.flip = True
+
+  c.fed = ml_collections.ConfigDict()
+  c.fed.algorithm = "fedpav"  # fedpav | local | fedavg
+  c.fed.rounds = 20
+  c.fed.clients_per_round = 0  # 0: all; 0<x<1: fraction; >=1: count
+  c.fed.weighting = "data_size"  # data_size | uniform
+  c.fed.bn_aggregation = "mean"  # mean | first_client (reference quirk)
+  c.fed.reset_optimizer = True
+  c.fed.strategy = "sequential"  # vmap | sequential | sharded
+  c.fed.chunk_steps = 8
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_rounds = 5
+  c.eval.protocol = "standard"  # standard | fedreid
+  c.eval.batch_size = 256
+  c.eval.client_models = True  # also test each client's own trained model ("FedPav local")
+
+  c.baselines = ("local",)  # run after the main algorithm, same data and seed
+  c.checkpoint_every = 5
+  c.log_every = 1
+  return c

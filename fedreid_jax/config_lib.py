@@ -1,0 +1,66 @@
+"""Config validation: one-line errors naming the problem and the valid choices,
+raised before any data is touched or anything is compiled."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from fedreid_jax.federated import rounds
+from fedreid_jax.models import resnet
+
+STRATEGIES = ("vmap", "sequential", "sharded")
+PROTOCOLS = ("standard", "fedreid")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid."""
+
+
+def _choice(value, choices, field):
+  if value not in choices:
+    raise ConfigError(f"config.{field}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _positive(value, field, allow_zero=False):
+  if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(f"config.{field}={value!r} must be a {'non-negative' if allow_zero else 'positive'} number")
+
+
+def validate(config) -> None:
+  """Raises ConfigError on the first invalid field."""
+  from fedreid_jax.datasets import registry  # registry imports heavier modules
+  _choice(config.data.name, registry.names(), "data.name")
+  _choice(config.fed.algorithm, rounds.ALGORITHMS, "fed.algorithm")
+  for b in config.baselines:
+    _choice(b, rounds.ALGORITHMS, "baselines")
+  _choice(config.fed.strategy, STRATEGIES, "fed.strategy")
+  _choice(config.fed.weighting, rounds.WEIGHTINGS, "fed.weighting")
+  _choice(config.fed.bn_aggregation, rounds.BN_AGGREGATIONS, "fed.bn_aggregation")
+  _choice(config.eval.protocol, PROTOCOLS, "eval.protocol")
+  _choice(config.model.backbone, tuple(resnet.ARCHITECTURES), "model.backbone")
+  _choice(config.model.last_stride, (1, 2), "model.last_stride")
+  for field in ("train.batch_size", "train.local_epochs", "fed.rounds", "fed.chunk_steps",
+                "eval.batch_size", "eval.every_rounds", "model.width", "model.embed_dim"):
+    section, key = field.split(".")
+    value = config[section][key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ConfigError(f"config.{field}={value!r} must be a positive integer")
+  for field in ("train.lr_backbone", "train.lr_head"):
+    section, key = field.split(".")
+    _positive(config[section][key], field)
+  _positive(config.fed.clients_per_round, "fed.clients_per_round", allow_zero=True)
+  if len(config.data.image_size) != 2 or min(config.data.image_size) <= 0:
+    raise ConfigError(f"config.data.image_size={tuple(config.data.image_size)!r} must be (height, width)")
+  if not 0.0 <= config.model.dropout < 1.0:
+    raise ConfigError(f"config.model.dropout={config.model.dropout!r} must be in [0, 1)")
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` and proves it writable, or raises a one-line error."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir!r} is not writable ({e.strerror}); "
+                      "pass --workdir with a folder you can write to") from None

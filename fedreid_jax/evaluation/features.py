@@ -1,0 +1,61 @@
+"""Re-ID features on the device: f(img) + f(flip(img)), L2-normalised."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedreid_jax.datasets.base import ClientData
+from fedreid_jax.datasets.pipeline import load_all
+from fedreid_jax.federated.local import normalize
+
+
+def make_embed_fn(model):
+  """Jitted (variables, uint8 `[B, H, W, 3]`) -> unit-norm features `[B, E]` (eval mode)."""
+  def embed(variables, images):
+    x = normalize(images)
+    f = model.apply(variables, x, train=False, method=type(model).embed)
+    f = f + model.apply(variables, x[:, :, ::-1], train=False, method=type(model).embed)
+    return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+  return jax.jit(embed)
+
+
+def extract_features(embed_fn, variables, images: np.ndarray, batch_size: int) -> jax.Array:
+  """uint8 `[N, H, W, 3]` -> `[N, E]`, in fixed-size batches (one compiled shape)."""
+  n = images.shape[0]
+  chunks = []
+  for start in range(0, n, batch_size):
+    batch = images[start:start + batch_size]
+    real = batch.shape[0]
+    if real < batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]), batch.dtype)])
+    chunks.append(embed_fn(variables, batch)[:real])
+  return jnp.concatenate(chunks, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSet:
+  """A client's query and gallery, decoded at model size."""
+  name: str
+  query_images: np.ndarray  # [Q, H, W, 3] uint8
+  gallery_images: np.ndarray  # [G, H, W, 3] uint8
+  query_pids: np.ndarray
+  gallery_pids: np.ndarray
+  query_cams: np.ndarray
+  gallery_cams: np.ndarray
+
+
+def load_test_set(client: ClientData, size: tuple[int, int]) -> TestSet:
+  return TestSet(client.name, load_all(client.query, size), load_all(client.gallery, size),
+                 client.query.pids, client.gallery.pids, client.query.camids, client.gallery.camids)
+
+
+def evaluate_model(embed_fn, variables, test: TestSet, protocol: str, batch_size: int) -> dict:
+  """rank1/5/10, mAP, mINP of one model on one client's query/gallery."""
+  from fedreid_jax.evaluation.retrieval import evaluate_features
+  qf = extract_features(embed_fn, variables, test.query_images, batch_size)
+  gf = extract_features(embed_fn, variables, test.gallery_images, batch_size)
+  return evaluate_features(qf, gf, test.query_pids, test.gallery_pids, test.query_cams,
+                           test.gallery_cams, protocol=protocol)

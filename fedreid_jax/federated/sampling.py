@@ -1,0 +1,29 @@
+"""Seeded, reproducible client sampling."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def num_selected(clients_per_round: float, num_clients: int) -> int:
+  """0 -> all; a fraction in (0, 1) -> that share (at least 1); >=1 -> a count."""
+  if clients_per_round <= 0:
+    return num_clients
+  if clients_per_round < 1:
+    return max(1, int(round(clients_per_round * num_clients)))
+  if int(clients_per_round) > num_clients:
+    raise ValueError(f"config.fed.clients_per_round={clients_per_round} exceeds the "
+                     f"{num_clients} clients")
+  return int(clients_per_round)
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, count: int) -> np.ndarray:
+  """Sorted ids of the clients selected in `round_index`: `[count]` int."""
+  if count == num_clients:
+    return np.arange(num_clients)
+  rng = np.random.default_rng([seed, round_index, 0x5A])
+  return np.sort(rng.choice(num_clients, size=count, replace=False))
+
+
+def first_client(seed: int, round_index: int, count: int) -> int:
+  """Lane of the round's 'first' client in the reference's random order."""
+  return int(np.random.default_rng([seed, round_index, 0xF1]).integers(count))

@@ -1,0 +1,67 @@
+"""Command line: `python -m fedreid_jax.main --config configs/synthetic.py --workdir runs/demo`.
+
+Overrides follow ml_collections: `--config.fed.rounds=5`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (config, metrics, checkpoints).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from fedreid_jax import checkpoint, config_lib, experiment
+  logging.getLogger().setLevel(logging.INFO)
+  try:
+    table = experiment.run(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, checkpoint.CheckpointMismatch, FileNotFoundError,
+          ValueError) as e:
+    sys.exit(f"error: {e}")
+  print(table)
+
+
+def unknown_override(argv: list[str]) -> str | None:
+  """A one-line error for the first `--config.<path>` naming no config field."""
+  import importlib.util
+  paths = [a for a in argv if a.startswith("--config=")] + [
+      argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+  if not paths:
+    return None
+  spec = importlib.util.spec_from_file_location("_cfg", paths[-1].split("=", 1)[-1].split(":")[0])
+  if spec is None:
+    return None
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception:  # a broken config file is reported by the flag parser itself
+    return None
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    node, walked = config, "config"
+    for key in arg[len("--config."):].split("=", 1)[0].split("."):
+      if not hasattr(node, "keys") or key not in node:
+        valid = sorted(node.keys()) if hasattr(node, "keys") else []
+        return f"error: unknown config field {walked}.{key}; valid fields of {walked}: {valid}"
+      node, walked = node[key], f"{walked}.{key}"
+  return None
+
+
+def entry():
+  error = unknown_override(sys.argv[1:])
+  if error:
+    sys.exit(error)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  entry()

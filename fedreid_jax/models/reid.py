@@ -1,0 +1,67 @@
+"""The re-ID network: backbone -> GAP -> embedding block -> per-client classifier.
+
+Parameter tree top-level keys: `backbone`, `embedding` (shared in FedPav) and
+`classifier` (private to each client). The classifier is padded to the largest
+client id count; logits past a client's own count are masked by the loss.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from fedreid_jax.models import resnet
+
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _bn_scale_init(key, shape, dtype=jnp.float32):
+  return 1.0 + 0.02 * nn.initializers.normal(1.0)(key, shape, dtype)
+
+
+class EmbeddingBlock(nn.Module):
+  """Dense(->embed_dim) -> BatchNorm1d -> Dropout(0.5), no ReLU. `[B, D] -> [B, E]`."""
+  embed_dim: int = 512
+  dropout: float = 0.5
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(self.embed_dim, kernel_init=kaiming_fan_out,
+                 bias_init=nn.initializers.zeros, name="dense")(x)
+    x = resnet.BatchNorm(use_running_average=not train, scale_init=_bn_scale_init,
+                         name="bn")(x)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+class ReIDModel(nn.Module):
+  """`[B, H, W, 3]` normalised images -> (features `[B, E]`, logits `[B, num_classes]`)."""
+  backbone: str = "resnet50"
+  width: int = 64
+  last_stride: int = 2
+  small_stem: bool = False
+  embed_dim: int = 512
+  dropout: float = 0.5
+  num_classes: int = 1  # the largest client's id count (padding)
+
+  def setup(self):
+    self.backbone_net = resnet.make_backbone(self.backbone, self.width,
+                                             self.last_stride, self.small_stem)
+    self.embedding = EmbeddingBlock(self.embed_dim, self.dropout, name="embedding")
+    self.classifier = nn.Dense(self.num_classes,
+                               kernel_init=nn.initializers.normal(0.001),
+                               bias_init=nn.initializers.zeros, name="classifier")
+
+  def embed(self, x, train: bool = False):
+    fmap = self.backbone_net(x, train)
+    return self.embedding(jnp.mean(fmap, axis=(1, 2)), train)
+
+  def __call__(self, x, train: bool = True):
+    feats = self.embed(x, train)
+    return feats, self.classifier(feats)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> ReIDModel:
+  return ReIDModel(backbone=model_cfg.backbone, width=model_cfg.width,
+                   last_stride=model_cfg.last_stride, small_stem=model_cfg.small_stem,
+                   embed_dim=model_cfg.embed_dim, dropout=model_cfg.dropout,
+                   num_classes=num_classes)
