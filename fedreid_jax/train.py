@@ -61,9 +61,9 @@ class Experiment:
                                          cfg.fed.strategy, mesh)
     self.embed_fn = features_lib.make_embed_fn(self.model)
     shared = rounds_lib.params_lib.prefix_predicate(("backbone", "embedding"))
-    self.server, self.clients = state_lib.init_states(
-        self.model, self.tx, shared, jax.random.key(cfg.seed), self.size, num_classes,
-        num_examples)
+    init = jax.jit(lambda key: state_lib.init_states(
+        self.model, self.tx, shared, key, self.size, num_classes, num_examples))
+    self.server, self.clients = init(jax.random.key(cfg.seed))
     self.sources = [pipeline.TrainImages(c.train, self.size, cfg.data.in_memory)
                     for c in clients_data]
     self.tests = [features_lib.load_test_set(c, self.size) for c in clients_data]

@@ -114,7 +114,7 @@ def make_round_fns(model, tx: optax.GradientTransformation, train_cfg, spec: Alg
 
   return RoundFns(begin=jax.jit(begin),
                   train_chunk=jax.jit(train_chunk, donate_argnums=0),
-                  finish=jax.jit(finish, donate_argnums=(1, 2)))
+                  finish=jax.jit(finish, donate_argnums=1))
 
 
 def global_variables(server: ServerState):

@@ -1,0 +1,47 @@
+"""FedPav in the paper's setting (ACM MM 2020, "Performance Optimization for
+Federated Person Re-identification via Benchmark Analysis").
+
+  python -m fedreid_jax.data prepare --dataset all --manual_dir <downloads> --data_dir data/tfds
+  python -m fedreid_jax.main --config configs/fedreid_paper.py --workdir runs/paper
+
+Needs the nine real datasets prepared (see README, "Real datasets"). 300
+rounds of ~2,400 local steps of 32 images at 256x128 on a ResNet-50: on the
+order of a day on one H100 (benchmarks/RESULTS.md has measured step times);
+not meant for a CPU.
+"""
+import importlib.util
+import pathlib
+
+_spec = importlib.util.spec_from_file_location(
+    "synthetic_base", pathlib.Path(__file__).with_name("synthetic.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+
+def get_config():
+  c = _base.get_config()
+  c.data.name = "fedreid"
+  c.data.root = "data/tfds"
+  c.data.image_size = (256, 128)
+  c.data.clients = ()  # the nine datasets of SPEC.md section 1
+  c.data.in_memory = False  # decoded lazily, streamed chunk by chunk
+
+  c.model.backbone = "resnet50"
+  c.model.width = 64
+  c.model.last_stride = 2
+  c.model.small_stem = False
+
+  c.train.lr_backbone = 0.005
+  c.train.lr_head = 0.05
+  c.train.pad = 10
+
+  c.fed.rounds = 300
+  c.fed.strategy = "vmap"
+  c.fed.chunk_steps = 32
+
+  c.eval.every_rounds = 10
+  c.eval.protocol = "fedreid"
+  c.eval.client_models = True
+  c.baselines = ()  # the local baseline doubles the cost: add ("local",) to run it
+  c.checkpoint_every = 10
+  return c

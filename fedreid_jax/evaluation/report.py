@@ -1,0 +1,233 @@
+"""Result reporting: paper-style markdown tables and convergence plots.
+
+- `format_results_table`: per-client metrics of one or more models ("global",
+  "local", ...) as a markdown table in percent, with a mean row.
+- `read_metrics_jsonl` / `plot_convergence`: the per-round JSON-lines log
+  (`{"round": 3, "kind": "eval", "eval/<client>/rank1": 0.42, ...}` and
+  `{"round": 3, "kind": "train", "train/loss": ..., "client/<name>/loss": ...}`)
+  as a two-panel PNG: an evaluation metric per client vs round, and the
+  training loss vs round.
+
+Plots use matplotlib's object API with the Agg canvas, so importing this
+module never changes the global pyplot backend.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+DEFAULT_METRICS = ("rank1", "rank5", "rank10", "mAP")
+METRIC_LABELS = {"rank1": "R-1", "rank5": "R-5", "rank10": "R-10",
+                 "mAP": "mAP", "mINP": "mINP"}
+
+
+def _percent(value: Any) -> str:
+  """A fraction as a percent with one decimal; "-" when missing or not finite."""
+  if value is None:
+    return "-"
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    return "-"
+  return f"{100.0 * value:.1f}" if math.isfinite(value) else "-"
+
+
+def _row_names(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """Client names over all models, in first-seen order."""
+  names: list[str] = []
+  for per_client in results.values():
+    for name in per_client:
+      if name not in names:
+        names.append(name)
+  return names
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+  """Mean of the finite values, None when there are none."""
+  finite = []
+  for v in values:
+    try:
+      v = float(v)
+    except (TypeError, ValueError):
+      continue
+    if math.isfinite(v):
+      finite.append(v)
+  return sum(finite) / len(finite) if finite else None
+
+
+def format_results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
+                         title: str = "",
+                         metrics: Sequence[str] = DEFAULT_METRICS) -> str:
+  """A markdown table like the paper's: one row per client, columns per model.
+
+  Args:
+    results: `results[model][client][metric]`, metrics as fractions in [0, 1]
+      (what `evaluate_rankings` returns), e.g.
+      `{"global": {"market1501": {"rank1": 0.83, ...}}, "local": {...}}`.
+    title: printed as a bold line above the table (skipped when empty).
+    metrics: metric keys to show, in order (default rank-1/5/10 and mAP).
+
+  Returns:
+    The table as a string; values in percent with one decimal, "-" where a
+    model has no value for a client. The last row is the mean over the
+    clients that have a value.
+  """
+  models = list(results)
+  clients = _row_names(results)
+  header = ["Client"] + [f"{model} {METRIC_LABELS.get(m, m)}"
+                         for model in models for m in metrics]
+  align = ["---"] + ["---:"] * (len(header) - 1)
+  lines = []
+  if title:
+    lines += [f"**{title}**", ""]
+  lines.append("| " + " | ".join(header) + " |")
+  lines.append("|" + "|".join(align) + "|")
+  for client in clients:
+    cells = [client]
+    for model in models:
+      row = results[model].get(client) or {}
+      cells += [_percent(row.get(m)) for m in metrics]
+    lines.append("| " + " | ".join(cells) + " |")
+  mean_cells = ["**Mean**"]
+  for model in models:
+    per_client = results[model]
+    for m in metrics:
+      mean_cells.append(_percent(_mean([(r or {}).get(m) for r in per_client.values()])))
+  lines.append("| " + " | ".join(mean_cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def read_metrics_jsonl(path: str | os.PathLike[str]) -> list[dict]:
+  """Records of a JSON-lines metrics file; blank and unparsable lines skipped.
+
+  A run killed mid-write leaves a truncated last line: it is logged and
+  skipped rather than failing the report.
+  """
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, start=1):
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        logging.warning("%s:%d: skipping unparsable line", path, line_no)
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+  return records
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str,
+            kind: str | None = None) -> tuple[list[float], list[float]]:
+  """`(rounds, values)` of `key` over records (of `kind`, if given), by round."""
+  points = []
+  for r in records:
+    if kind is not None and r.get("kind", kind) != kind:
+      continue
+    if key not in r or "round" not in r:
+      continue
+    try:
+      points.append((float(r["round"]), float(r[key])))
+    except (TypeError, ValueError):
+      continue
+  points.sort(key=lambda p: p[0])
+  return [p[0] for p in points], [p[1] for p in points]
+
+
+def eval_clients(records: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
+  """Client names with an `eval/<client>/<metric>` key, in first-seen order."""
+  suffix = "/" + metric
+  names: list[str] = []
+  for r in records:
+    for key in r:
+      if key.startswith("eval/") and key.endswith(suffix):
+        name = key[len("eval/"):-len(suffix)]
+        if name and name not in names:
+          names.append(name)
+  return names
+
+
+def _train_loss_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
+  """`client/<name>/loss` keys present in the records, first-seen order."""
+  keys: list[str] = []
+  for r in records:
+    for key in r:
+      if key.startswith("client/") and key.endswith("/loss") and key not in keys:
+        keys.append(key)
+  return keys
+
+
+def _plot_eval(ax, records, metric: str) -> None:
+  """Panel 1: `eval/<client>/<metric>` (in percent) vs round, one line per client."""
+  clients = eval_clients(records, metric)
+  for client in clients:
+    rounds, values = _series(records, f"eval/{client}/{metric}", kind="eval")
+    ax.plot(rounds, [100.0 * v for v in values], marker="o", markersize=3,
+            label=client)
+  ax.set_xlabel("round")
+  ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
+  ax.set_title(f"evaluation: {metric}")
+  if clients:
+    ax.legend(fontsize="small", ncol=2)
+  else:
+    ax.text(0.5, 0.5, "no evaluation records", ha="center", va="center",
+            transform=ax.transAxes)
+  ax.grid(True, alpha=0.3)
+
+
+def _plot_train(ax, records) -> None:
+  """Panel 2: `train/loss` vs round, per-client losses as thin lines."""
+  drawn = False
+  for key in _train_loss_keys(records):
+    rounds, values = _series(records, key, kind="train")
+    if rounds:
+      ax.plot(rounds, values, linewidth=0.8, alpha=0.5,
+              label=key[len("client/"):-len("/loss")])
+      drawn = True
+  rounds, values = _series(records, "train/loss", kind="train")
+  if rounds:
+    ax.plot(rounds, values, color="black", linewidth=2.0, label="mean")
+    drawn = True
+  ax.set_xlabel("round")
+  ax.set_ylabel("loss")
+  ax.set_title("training loss")
+  if drawn:
+    ax.legend(fontsize="small", ncol=2)
+  else:
+    ax.text(0.5, 0.5, "no training records", ha="center", va="center",
+            transform=ax.transAxes)
+  ax.grid(True, alpha=0.3)
+
+
+def plot_convergence(metrics_jsonl_path: str | os.PathLike[str],
+                     out_png: str | os.PathLike[str],
+                     metric: str = "rank1") -> str:
+  """Writes a two-panel PNG: `eval/<client>/<metric>` and training loss vs round.
+
+  Missing keys, clients evaluated only in some rounds and logs without any
+  eval or train records all give a (partly empty) plot, not an error.
+
+  Returns:
+    `out_png` as a string.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  records = read_metrics_jsonl(metrics_jsonl_path)
+  fig = Figure(figsize=(12, 4.5))
+  FigureCanvasAgg(fig)
+  ax_eval, ax_train = fig.subplots(1, 2)
+  _plot_eval(ax_eval, records, metric)
+  _plot_train(ax_train, records)
+  fig.tight_layout()
+  out_png = os.fspath(out_png)
+  parent = os.path.dirname(out_png)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  fig.savefig(out_png, dpi=100)
+  return out_png
