@@ -31,6 +31,7 @@ def get_config():
   c.model.last_stride = 2
   c.model.small_stem = False
 
+  c.train.batch_size = 32
   c.train.lr_backbone = 0.005
   c.train.lr_head = 0.05
   c.train.pad = 10

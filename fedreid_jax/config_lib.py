@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 
-from fedreid_jax.federated import rounds
+from fedreid_jax.federated import local, rounds
 from fedreid_jax.models import resnet
 
-STRATEGIES = ("vmap", "sequential", "sharded")
 PROTOCOLS = ("standard", "fedreid")
 
 
@@ -33,7 +32,7 @@ def validate(config) -> None:
   _choice(config.fed.algorithm, rounds.ALGORITHMS, "fed.algorithm")
   for b in config.baselines:
     _choice(b, rounds.ALGORITHMS, "baselines")
-  _choice(config.fed.strategy, STRATEGIES, "fed.strategy")
+  _choice(config.fed.strategy, local.STRATEGIES, "fed.strategy")
   _choice(config.fed.weighting, rounds.WEIGHTINGS, "fed.weighting")
   _choice(config.fed.bn_aggregation, rounds.BN_AGGREGATIONS, "fed.bn_aggregation")
   _choice(config.eval.protocol, PROTOCOLS, "eval.protocol")

@@ -20,6 +20,7 @@ def main(argv):
   del argv
   from fedreid_jax import checkpoint, config_lib, experiment
   logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
   try:
     table = experiment.run(_CONFIG.value, _WORKDIR.value)
   except (config_lib.ConfigError, checkpoint.CheckpointMismatch, FileNotFoundError,

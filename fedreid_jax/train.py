@@ -78,20 +78,30 @@ class Experiment:
              for c in selected]
     sel_ids = jnp.asarray(selected, jnp.int32)
     sel = self.fns.begin(self.server, self.clients, sel_ids)
-    sums = jnp.zeros((len(selected), 3))
-    for images, labels, mask in pipeline.round_chunks(self.sources, plans, cfg.fed.chunk_steps,
-                                                      cfg.train.batch_size):
-      sel, chunk_metrics = self.fns.train_chunk(sel, images, labels, mask)
-      sums = sums + chunk_metrics
-      if progress is not None:
-        progress.update(int(mask.sum()))
+    serial = cfg.fed.strategy == "serial"
+    if serial:
+      sums = [jnp.zeros(3)] * len(selected)
+      for lane, images, labels in pipeline.serial_pieces(self.sources, plans, cfg.fed.chunk_steps):
+        sel, metrics = self.fns.train_lane(sel, lane, images, labels)
+        sums[lane] = sums[lane] + metrics
+        if progress is not None:
+          progress.update(images.shape[0])
+      sums = jnp.stack(sums)
+    else:
+      sums = jnp.zeros((len(selected), 3))
+      for images, labels, mask in pipeline.round_chunks(self.sources, plans, cfg.fed.chunk_steps,
+                                                        cfg.train.batch_size):
+        sel, chunk_metrics = self.fns.train_chunk(sel, images, labels, mask)
+        sums = sums + chunk_metrics
+        if progress is not None:
+          progress.update(int(mask.sum()))
     first = sampling.first_client(cfg.seed, round_index, len(selected))
     self.server, self.clients = self.fns.finish(self.server, self.clients, sel, sel_ids, first)
     sums = np.asarray(sums)
     steps = np.maximum(sums[:, 2], 1)
     record = {"train/loss": float(sums[:, 0].sum() / steps.sum()),
               "train/accuracy": float(sums[:, 1].sum() / steps.sum()),
-              "train/padding_waste": pipeline.padding_waste(plans, cfg.fed.chunk_steps),
+              "train/padding_waste": pipeline.padding_waste(plans, cfg.fed.chunk_steps, serial),
               "train/steps": float(sums[:, 2].sum())}
     for lane, c in enumerate(selected):
       name = self.clients_data[c].name

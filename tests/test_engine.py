@@ -40,7 +40,7 @@ def test_masked_step_changes_nothing():
 
 
 def test_vmap_and_sequential_agree():
-  seq = experiment(**{"fed.strategy": "sequential"})
+  seq = experiment(**{"fed.strategy": "serial"})
   vec = experiment(**{"fed.strategy": "vmap"})
   for exp in (seq, vec):
     exp.train_round(0)

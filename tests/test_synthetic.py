@@ -66,7 +66,7 @@ def test_generation_is_deterministic_and_seeded(tmp_path):
   b = S.ensure_synthetic(tmp_path / "b", seed=0, image_size=SIZE, domains=SMALL, public=PUB)
   c = S.ensure_synthetic(tmp_path / "a", seed=1, image_size=SIZE, domains=SMALL, public=PUB)
   assert a.name == S.version_tag(0, SIZE) == f"v{S.GENERATOR_VERSION}_seed0_16x8"
-  assert c.name == "v1_seed1_16x8" and c != a and a.is_dir() and c.is_dir()
+  assert c.name == S.version_tag(1, SIZE) and c != a and a.is_dir() and c.is_dir()
   fa, fb, fc = _files(a), _files(b), _files(c)
   assert fa == fb and len(fa) > 50
   assert json.loads((a / "manifest.json").read_text()) == json.loads((b / "manifest.json").read_text())
@@ -83,7 +83,7 @@ def test_generation_is_deterministic_and_seeded(tmp_path):
 def test_load_benchmark(tmp_path):
   clients, public = S.load_synthetic_benchmark(tmp_path, image_size=SIZE, domains=SMALL, public=PUB)
   assert [c.name for c in clients] == [s.name for s in SMALL]
-  manifest = json.loads((tmp_path / "synthetic" / "v1_seed0_16x8" / "manifest.json").read_text())
+  manifest = json.loads((tmp_path / "synthetic" / S.version_tag(0, SIZE) / "manifest.json").read_text())
   for c, spec in zip(clients, SMALL):
     counts = manifest["domains"][spec.name]["counts"]
     assert c.num_train_ids == spec.train_ids == counts["train_ids"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -56,9 +57,19 @@ def num_chunks(plans: Sequence[ClientPlan], chunk_steps: int) -> int:
   return max(1, -(-longest // chunk_steps))
 
 
-def padding_waste(plans: Sequence[ClientPlan], chunk_steps: int) -> float:
+def lane_pieces(num_steps: int, chunk_steps: int) -> list[tuple[int, int]]:
+  """`serial`: (start, length) pieces of one client's steps: full chunks of K,
+  then single steps (two compiled shapes, no padded step)."""
+  full = num_steps // chunk_steps * chunk_steps
+  return ([(s, chunk_steps) for s in range(0, full, chunk_steps)]
+          + [(s, 1) for s in range(full, num_steps)])
+
+
+def padding_waste(plans: Sequence[ClientPlan], chunk_steps: int, serial: bool = False) -> float:
   """Processed step slots / useful steps (1.0 = no padding)."""
   useful = sum(len(p.indices) for p in plans)
+  if serial:
+    return 1.0
   processed = len(plans) * num_chunks(plans, chunk_steps) * chunk_steps
   return processed / max(useful, 1)
 
@@ -95,16 +106,34 @@ def build_chunk(sources: Sequence[TrainImages], plans: Sequence[ClientPlan], chu
   return images, labels, mask
 
 
-def round_chunks(sources, plans, chunk_steps: int, batch_size: int,
-                 prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Yields the round's chunks in order, building up to `prefetch` ahead in a thread."""
-  total = num_chunks(plans, chunk_steps)
+def build_piece(source: TrainImages, plan: ClientPlan, start: int, length: int):
+  """`serial`: images `[k, B, H, W, 3]`, labels `[k, B]` for steps start..start+k."""
+  idx = plan.indices[start:start + length]
+  return np.stack([source.gather(i) for i in idx]), source.labels[idx]
+
+
+def prefetched(tasks: Sequence, ahead: int = 2) -> Iterator:
+  """Runs the thunks in order in a background thread, `ahead` in advance."""
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    pending = [pool.submit(build_chunk, sources, plans, c, chunk_steps, batch_size)
-               for c in range(min(prefetch, total))]
-    for c in range(total):
+    pending = [pool.submit(t) for t in tasks[:ahead]]
+    for i in range(len(tasks)):
       result = pending.pop(0).result()
-      nxt = c + len(pending) + 1
-      if nxt < total:
-        pending.append(pool.submit(build_chunk, sources, plans, nxt, chunk_steps, batch_size))
+      if i + ahead < len(tasks):
+        pending.append(pool.submit(tasks[i + ahead]))
       yield result
+
+
+def round_chunks(sources, plans, chunk_steps: int, batch_size: int) -> Iterator:
+  """Lockstep strategies: the round's chunks (images, labels, mask), prefetched."""
+  tasks = [functools.partial(build_chunk, sources, plans, c, chunk_steps, batch_size)
+           for c in range(num_chunks(plans, chunk_steps))]
+  return prefetched(tasks)
+
+
+def serial_pieces(sources, plans, chunk_steps: int) -> Iterator:
+  """`serial`: (lane, images `[k, B, ...]`, labels `[k, B]`) client after client, prefetched."""
+  tasks = [functools.partial(lambda lane, *a: (lane, *build_piece(*a)), lane,
+                             sources[plan.client_id], plan, start, length)
+           for lane, plan in enumerate(plans)
+           for start, length in lane_pieces(len(plan.indices), chunk_steps)]
+  return prefetched(tasks)

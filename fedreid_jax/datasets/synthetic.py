@@ -75,7 +75,7 @@ from fedreid_jax.datasets.synthetic_render import (Camera, DomainStyle, Identity
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST = "manifest.json"
 _CAMERAS, _IDENTITIES, _LAYOUT, _IMAGES = range(4)  # random stream ids
 
@@ -140,7 +140,7 @@ DOMAINS: tuple[DomainSpec, ...] = (
     _d("syn_3dpes", "3DPeS", 2, 10, 16, (4, 5), (2, 2), hue_center=0.12, hue_focus=0.1,
        contrast=1.2, cast=0.15, view_bias=0.8, light=(0.8, 1.4), blur=0.3, noise=0.015, jitter=0.04,
        occlusion=0.05, indoor=0.0, bg_hue=0.3),
-    _d("syn_ilids", "iLIDS-VID", 2, 7, 12, (4, 4), (2, 2), hue_center=0.65, saturation=0.8,
+    _d("syn_ilids", "iLIDS-VID", 2, 9, 12, (4, 4), (2, 2), hue_center=0.65, saturation=0.8,
        brightness=0.8, neutral_prob=0.4, contrast=0.85, cast=0.25, light=(0.4, 1.1), blur=1.0,
        noise=0.05, jitter=0.06, view_bias=0.7, occlusion=0.4, indoor=1.0),
 )

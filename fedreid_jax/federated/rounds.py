@@ -52,7 +52,8 @@ def algorithm_spec(fed_cfg) -> AlgorithmSpec:
 
 class RoundFns(NamedTuple):
   begin: Callable
-  train_chunk: Callable
+  train_chunk: Callable  # all lanes: (sel [S], images [S, K, ...], labels, mask)
+  train_lane: Callable  # `serial`: (sel [S], lane, images [k, ...], labels), no padding
   finish: Callable
 
 
@@ -83,8 +84,10 @@ def make_round_fns(model, tx: optax.GradientTransformation, train_cfg, spec: Alg
                    strategy: str, mesh=None) -> RoundFns:
   """Jitted begin / train_chunk / finish for one run."""
   shared = params_lib.prefix_predicate(spec.shared_prefixes)
-  client_chunk = local_lib.make_client_chunk(local_lib.make_local_step(model, tx, train_cfg))
-  run_clients = local_lib.make_strategy(strategy, client_chunk, mesh)
+  local_step = local_lib.make_local_step(model, tx, train_cfg)
+  client_chunk = local_lib.make_client_chunk(local_step)
+  run_clients = (None if strategy == "serial"
+                 else local_lib.make_strategy(strategy, client_chunk, mesh))
 
   def begin(server: ServerState, clients: ClientStates, selected_ids: jax.Array):
     TRACE_COUNTS["begin"] += 1
@@ -104,6 +107,16 @@ def make_round_fns(model, tx: optax.GradientTransformation, train_cfg, spec: Alg
     TRACE_COUNTS["train_chunk"] += 1
     return run_clients(sel, images, labels, mask)
 
+  def train_lane(sel: ClientStates, lane, images, labels):
+    TRACE_COUNTS[f"train_lane[{images.shape[0]}]"] += 1
+    state = params_lib.take_client(sel, lane)
+    if images.shape[0] == 1:  # no scan: XLA CPU runs convs in a loop body ~2.5x slower
+      state, metrics = local_step(state, images[0], labels[0], jnp.array(True))
+    else:
+      state, metrics = client_chunk(state, images, labels, jnp.ones(images.shape[0], bool))
+    sel = jax.tree.map(lambda full, one: full.at[lane].set(one), sel, state)
+    return sel, metrics
+
   def finish(server: ServerState, clients: ClientStates, sel: ClientStates,
              selected_ids: jax.Array, first_client: jax.Array):
     TRACE_COUNTS["finish"] += 1
@@ -114,6 +127,7 @@ def make_round_fns(model, tx: optax.GradientTransformation, train_cfg, spec: Alg
 
   return RoundFns(begin=jax.jit(begin),
                   train_chunk=jax.jit(train_chunk, donate_argnums=0),
+                  train_lane=jax.jit(train_lane, donate_argnums=0),
                   finish=jax.jit(finish, donate_argnums=1))
 
 

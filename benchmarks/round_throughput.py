@@ -1,0 +1,106 @@
+"""Local-training throughput of one federated round under each client strategy.
+
+  python benchmarks/round_throughput.py                      # default config, CPU
+  python benchmarks/round_throughput.py --strategies vmap,serial --paper  # GPU: ResNet-50 256x128
+
+For each strategy: compile time (first round, wall), steady-state images/s
+(mean of the next `--rounds` rounds, useful images only), and padding waste
+(processed / useful steps). Default: the synthetic benchmark and its config.
+`--paper`: the paper's model and input size on random images with the paper's
+nine client sizes divided by `--scale` (no dataset needed). Figures are
+printed as a markdown table for benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import platform
+import time
+
+import jax
+import numpy as np
+
+from fedreid_jax import train
+from fedreid_jax.datasets import registry
+from fedreid_jax.datasets.base import ClientData, split_from_arrays
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Training images per client in the paper's benchmark (SPEC.md section 1).
+PAPER_SIZES = (32621, 16522, 12936, 7365, 3744, 1940, 632, 450, 248)
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def random_clients(sizes, image_size, num_ids=64, seed=0) -> list[ClientData]:
+  """Random uint8 images: throughput only (nothing to learn)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i, n in enumerate(sizes):
+    imgs = rng.integers(0, 256, (n, *image_size, 3), dtype=np.uint8)
+    pids = np.arange(n) % min(num_ids, n)
+    test = split_from_arrays(imgs[:8], np.arange(8), np.arange(8) % 2)
+    out.append(ClientData(f"client{i}", split_from_arrays(imgs, pids, np.zeros(n)), test, test))
+  return out
+
+
+def measure(config, clients, rounds: int) -> dict:
+  exp = train.Experiment(config, clients)
+  t0 = time.perf_counter()
+  record = exp.train_round(0)
+  jax.block_until_ready(exp.server.params)
+  first = time.perf_counter() - t0
+  times = []
+  for r in range(1, rounds + 1):
+    t0 = time.perf_counter()
+    record = exp.train_round(r)
+    jax.block_until_ready(exp.server.params)
+    times.append(time.perf_counter() - t0)
+  images = record["train/steps"] * config.train.batch_size
+  per_round = float(np.mean(times))
+  return {"compile_s": first - per_round, "round_s": per_round, "images_per_s": images / per_round,
+          "waste": record["train/padding_waste"], "steps": record["train/steps"]}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--strategies", default="serial,sequential,vmap")
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--chunk_steps", type=int, default=0, help="0: the config's")
+  parser.add_argument("--paper", action="store_true")
+  parser.add_argument("--scale", type=int, default=16, help="--paper: divide client sizes by")
+  args = parser.parse_args()
+  if args.paper:
+    config = load_config("fedreid_paper")
+    clients = random_clients([max(n // args.scale, 32) for n in PAPER_SIZES],
+                             tuple(config.data.image_size))
+  else:
+    config = load_config("synthetic")
+    clients, _ = registry.load(config.data, config.seed)
+  if args.chunk_steps:
+    config.fed.chunk_steps = args.chunk_steps
+  print(f"\n{platform.node()}: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+        f"jax {jax.__version__}; model {config.model.backbone} w{config.model.width} "
+        f"{tuple(config.data.image_size)}, batch {config.train.batch_size}, "
+        f"{len(clients)} clients, {sum(len(c.train) for c in clients)} train images, "
+        f"chunk {config.fed.chunk_steps}\n")
+  print("| strategy | compile (s) | round (s) | images/s | padding waste |")
+  print("|---|---|---|---|---|")
+  results = {}
+  for name in args.strategies.split(","):
+    config.fed.strategy = name
+    r = results[name] = measure(config, clients, args.rounds)
+    print(f"| {name} | {r['compile_s']:.1f} | {r['round_s']:.2f} | {r['images_per_s']:.0f} "
+          f"| {r['waste']:.2f} |", flush=True)
+  base = next(iter(results))
+  for name, r in results.items():
+    print(f"{name}: {r['images_per_s'] / results[base]['images_per_s']:.2f}x {base}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,76 @@
+"""Bad input fails fast with one-line errors; checkpoints resume and refuse
+another config's state."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fakes
+from fedreid_jax import checkpoint, config_lib, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "fedreid_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("fed.algorithm", "fedprox", "choose one of ['fedpav', 'local', 'fedavg']"),
+    ("data.name", "imagenet", "choose one of ['synthetic', 'fedreid']"),
+    ("fed.strategy", "pmap", "choose one of ['vmap', 'sequential', 'sharded']"),
+    ("train.batch_size", 0, "must be a positive integer"),
+    ("fed.rounds", -3, "must be a positive integer"),
+    ("eval.protocol", "cuhk", "choose one of ['standard', 'fedreid']"),
+])
+def test_invalid_values_are_named(field, value, expected):
+  cfg = fakes.tiny_config()
+  section, key = field.split(".")
+  cfg[section][key] = value
+  with pytest.raises(config_lib.ConfigError, match="config." + field) as err:
+    config_lib.validate(cfg)
+  assert expected in str(err.value)
+
+
+def test_cli_unknown_field_and_bad_value_are_one_line(tmp_path):
+  out = cli("--config", "configs/synthetic.py", "--workdir", str(tmp_path),
+            "--config.fed.bogus=1")
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1].startswith("error: unknown config field config.fed.bogus")
+  assert "'rounds'" in out.stderr
+  out = cli("--config", "configs/synthetic.py", "--workdir", str(tmp_path),
+            "--config.fed.rounds=0")
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: config.fed.rounds=0 must be a positive integer")
+  assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(config_lib.ConfigError, match="not writable"):
+    config_lib.check_workdir(str(blocker / "sub"))
+
+
+def test_resume_continues_and_other_config_is_refused(tmp_path):
+  cfg = fakes.tiny_config()
+  cfg.fed.rounds = 1
+  cfg.eval.client_models = False
+  clients = fakes.fake_clients()
+  workdir = str(tmp_path / "run")
+  train.run(cfg, workdir, clients)
+  cfg.fed.rounds = 2
+  train.run(cfg, workdir, clients)  # resumes after round 1, trains round 2 only
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rounds = [json.loads(line)["round"] for line in f if '"train"' in line]
+  assert rounds == [1, 2]
+  other = fakes.tiny_config()
+  other.model.width = 8
+  with pytest.raises(checkpoint.CheckpointMismatch, match="model"):
+    train.run(other, workdir, clients)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # nothing lost
