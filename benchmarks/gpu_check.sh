@@ -19,6 +19,6 @@ tail -n 25 "$OUT/demo_gpu.log"
 cp /tmp/demo/results.md "$OUT/demo_results.md" 2>/dev/null
 start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/round_throughput.py --paper \
-  --strategies "${STRATEGIES:-vmap,serial}" --chunk_steps 16 --rounds 2 2>&1 \
+  --strategies "${STRATEGIES:-vmap:16,serial:16}" --rounds 2 2>&1 \
   | grep -v "it/s\|s/it" | tee "$OUT/throughput_paper.txt"
 echo "bench wall=$(( $(date +%s) - start ))s" | tee -a "$OUT/gpu.txt"

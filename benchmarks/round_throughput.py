@@ -1,7 +1,7 @@
 """Local-training throughput of one federated round under each client strategy.
 
   python benchmarks/round_throughput.py                      # default config, CPU
-  python benchmarks/round_throughput.py --strategies vmap,serial --paper  # GPU: ResNet-50 256x128
+  python benchmarks/round_throughput.py --strategies vmap:16,serial:16 --paper  # GPU: ResNet-50 256x128
 
 For each strategy: compile time (first round, wall), steady-state images/s
 (mean of the next `--rounds` rounds, useful images only), and padding waste
@@ -69,9 +69,9 @@ def measure(config, clients, rounds: int) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--strategies", default="serial,sequential,vmap")
+  parser.add_argument("--strategies", default="serial:1,serial:8,sequential:8,vmap:8",
+                      help="comma-separated strategy[:chunk_steps]")
   parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--chunk_steps", type=int, default=0, help="0: the config's")
   parser.add_argument("--paper", action="store_true")
   parser.add_argument("--scale", type=int, default=16, help="--paper: divide client sizes by")
   args = parser.parse_args()
@@ -82,21 +82,20 @@ def main():
   else:
     config = load_config("synthetic")
     clients, _ = registry.load(config.data, config.seed)
-  if args.chunk_steps:
-    config.fed.chunk_steps = args.chunk_steps
   print(f"\n{platform.node()}: {jax.devices()[0].device_kind} x{jax.device_count()}, "
         f"jax {jax.__version__}; model {config.model.backbone} w{config.model.width} "
         f"{tuple(config.data.image_size)}, batch {config.train.batch_size}, "
-        f"{len(clients)} clients, {sum(len(c.train) for c in clients)} train images, "
-        f"chunk {config.fed.chunk_steps}\n")
-  print("| strategy | compile (s) | round (s) | images/s | padding waste |")
-  print("|---|---|---|---|---|")
+        f"{len(clients)} clients, {sum(len(c.train) for c in clients)} train images\n")
+  print("| strategy | chunk K | compile (s) | round (s) | images/s | padding waste |")
+  print("|---|---|---|---|---|---|")
   results = {}
   for name in args.strategies.split(","):
-    config.fed.strategy = name
+    strategy, _, chunk = name.partition(":")
+    config.fed.strategy = strategy
+    config.fed.chunk_steps = int(chunk or config.fed.chunk_steps)
     r = results[name] = measure(config, clients, args.rounds)
-    print(f"| {name} | {r['compile_s']:.1f} | {r['round_s']:.2f} | {r['images_per_s']:.0f} "
-          f"| {r['waste']:.2f} |", flush=True)
+    print(f"| {strategy} | {config.fed.chunk_steps} | {r['compile_s']:.1f} | {r['round_s']:.2f} "
+          f"| {r['images_per_s']:.0f} | {r['waste']:.2f} |", flush=True)
   base = next(iter(results))
   for name, r in results.items():
     print(f"{name}: {r['images_per_s'] / results[base]['images_per_s']:.2f}x {base}")

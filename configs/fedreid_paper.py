@@ -37,8 +37,8 @@ def get_config():
   c.train.pad = 10
 
   c.fed.rounds = 300
-  c.fed.strategy = "vmap"
-  c.fed.chunk_steps = 32
+  c.fed.strategy = "serial"  # 9x vmap on an H200 (benchmarks/RESULTS.md)
+  c.fed.chunk_steps = 16
 
   c.eval.every_rounds = 10
   c.eval.protocol = "fedreid"

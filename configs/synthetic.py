@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.root = "data"
   c.data.image_size = (64, 32)
   c.data.clients = ()  # empty: every client of the benchmark
+  c.data.scenario = "by_dataset"  # by_dataset | by_camera | by_identity (one dataset in clients)
+  c.data.scenario_clients = 2  # by_identity: number of clients
   c.data.in_memory = True  # keep decoded training images in host memory
 
   c.model = ml_collections.ConfigDict()

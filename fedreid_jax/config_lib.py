@@ -29,6 +29,7 @@ def validate(config) -> None:
   """Raises ConfigError on the first invalid field."""
   from fedreid_jax.datasets import registry  # registry imports heavier modules
   _choice(config.data.name, registry.names(), "data.name")
+  _choice(config.data.scenario, registry.SCENARIOS, "data.scenario")
   _choice(config.fed.algorithm, rounds.ALGORITHMS, "fed.algorithm")
   for b in config.baselines:
     _choice(b, rounds.ALGORITHMS, "baselines")

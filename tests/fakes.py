@@ -30,19 +30,24 @@ def fake_clients(sizes=((4, 10), (3, 6), (2, 8))):
   return [fake_client(f"c{i}", n, p, seed=i) for i, (n, p) in enumerate(sizes)]
 
 
-def tiny_config() -> ml_collections.ConfigDict:
+def load_config(name: str) -> ml_collections.ConfigDict:
   import importlib.util, pathlib
-  path = pathlib.Path(__file__).parent.parent / "configs" / "synthetic.py"
-  spec = importlib.util.spec_from_file_location("synthetic_cfg", path)
+  path = pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"{name}_cfg", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config()
+  return module.get_config()
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  c = load_config("synthetic")
   c.data.image_size = (32, 16)
   c.model.width = 4
   c.model.embed_dim = 16
   c.train.batch_size = 8  # batch 4 makes BatchNorm chaotic
   c.train.pad = 2
   c.fed.rounds = 2
+  c.fed.strategy = "sequential"  # lockstep chunks: exercises masking
   c.fed.chunk_steps = 4
   c.eval.every_rounds = 1
   c.eval.batch_size = 8

@@ -22,7 +22,7 @@ def cli(*args, timeout=600):
 @pytest.mark.parametrize("field, value, expected", [
     ("fed.algorithm", "fedprox", "choose one of ['fedpav', 'local', 'fedavg']"),
     ("data.name", "imagenet", "choose one of ['synthetic', 'fedreid']"),
-    ("fed.strategy", "pmap", "choose one of ['vmap', 'sequential', 'sharded']"),
+    ("fed.strategy", "pmap", "choose one of ['vmap', 'sequential', 'sharded', 'serial']"),
     ("train.batch_size", 0, "must be a positive integer"),
     ("fed.rounds", -3, "must be a positive integer"),
     ("eval.protocol", "cuhk", "choose one of ['standard', 'fedreid']"),
@@ -74,3 +74,18 @@ def test_resume_continues_and_other_config_is_refused(tmp_path):
   with pytest.raises(checkpoint.CheckpointMismatch, match="model"):
     train.run(other, workdir, clients)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # nothing lost
+
+
+def test_scenarios_from_config():
+  from fedreid_jax.datasets import registry
+  cfg = fakes.tiny_config()
+  clients = fakes.fake_clients()
+  cfg.data.scenario = "by_identity"
+  cfg.data.scenario_clients = 2
+  with pytest.raises(ValueError, match="splits one dataset"):
+    registry.apply_scenario(clients, cfg.data, seed=0)
+  split = registry.apply_scenario(clients[:1], cfg.data, seed=0)
+  assert len(split) == 2
+  assert sum(len(c.train) for c in split) == len(clients[0].train)
+  cfg.data.scenario = "by_camera"
+  assert len(registry.apply_scenario(clients[:1], cfg.data, seed=0)) == 2  # fake data: 2 cameras

@@ -19,12 +19,25 @@ def experiment(**overrides):
   return train.Experiment(cfg, fakes.fake_clients())
 
 
+@pytest.fixture(scope="module")
+def lockstep():
+  """One `sequential` experiment shared by the tests that only read it or step it."""
+  return experiment()
+
+
+@pytest.fixture(scope="module")
+def serial_after_one_round():
+  exp = experiment(**{"fed.strategy": "serial", "fed.chunk_steps": 2})  # scan chunks + single steps
+  exp.train_round(0)
+  return exp
+
+
 def leaves_equal(a, b):
   return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_masked_step_changes_nothing():
-  exp = experiment()
+def test_masked_step_changes_nothing(lockstep):
+  exp = lockstep
   step = local_lib.make_local_step(exp.model, exp.tx, exp.config.train)
   sel = exp.fns.begin(exp.server, exp.clients, jnp.arange(3))
   state = take_client(sel, 0)
@@ -39,11 +52,11 @@ def test_masked_step_changes_nothing():
   assert int(stepped.step) == 1 and float(metrics[2]) == 1.0
 
 
-def test_vmap_and_sequential_agree():
-  seq = experiment(**{"fed.strategy": "serial"})
-  vec = experiment(**{"fed.strategy": "vmap"})
-  for exp in (seq, vec):
-    exp.train_round(0)
+@pytest.mark.parametrize("strategy", ["vmap", "sequential"])
+def test_lockstep_strategies_agree_with_serial(strategy, serial_after_one_round):
+  seq = serial_after_one_round
+  vec = experiment(**{"fed.strategy": strategy})
+  vec.train_round(0)
   # Same maths, different batching: float reassociation, amplified over a
   # round of SGD steps with batch-statistics BatchNorm, stays under 1% of
   # each leaf's scale (a wrong client/step mapping gives O(1) differences).
@@ -54,12 +67,13 @@ def test_vmap_and_sequential_agree():
       assert float(np.max(np.abs(a - b))) <= 1e-2 * scale
 
 
-def test_round_compiles_once_across_rounds():
-  exp = experiment()
-  exp.train_round(0)
+def test_round_compiles_once_across_rounds(lockstep, serial_after_one_round):
+  lockstep.train_round(0)
   before = dict(rounds.TRACE_COUNTS)
+  assert before["train_chunk"] >= 1 and before["train_lane[2]"] >= 1
   for r in range(1, 4):
-    exp.train_round(r)
+    lockstep.train_round(r)
+    serial_after_one_round.train_round(r)
   assert dict(rounds.TRACE_COUNTS) == before
 
 
@@ -89,9 +103,9 @@ def test_local_algorithm_shares_nothing():
   assert not leaves_equal(a, b)  # each client trained its own backbone
 
 
-def test_padding_waste_is_reported():
-  exp = experiment()
-  record = exp.train_round(0)
+def test_padding_waste_is_reported(lockstep, serial_after_one_round):
+  record = lockstep.train_round(5)
+  assert serial_after_one_round.train_round(5)["train/padding_waste"] == 1.0
   # clients have 40, 18, 16 images -> 5, 2, 2 steps of 8; chunks of 4 -> 2 chunks x 3 lanes x 4
   assert record["train/steps"] == 9
   assert record["train/padding_waste"] == pytest.approx(24 / 9)

@@ -16,11 +16,11 @@ def _fedreid(data_cfg, seed: int):
   """The nine real datasets, prepared with `python -m fedreid_jax.data prepare`."""
   from fedreid_jax.data import source
   names = list(data_cfg.clients) or list(source.CLIENT_DATASETS)
-  clients = [source.load_prepared_client(n, data_cfg.root, seed=seed) for n in names]
-  return clients, source.load_public(data_cfg.root)
+  return source.load_clients(names, data_cfg.root), source.load_public(data_cfg.root)
 
 
 _BENCHMARKS: dict[str, Callable] = {"synthetic": _synthetic, "fedreid": _fedreid}
+SCENARIOS = ("by_dataset", "by_camera", "by_identity")
 
 
 def names() -> tuple[str, ...]:
@@ -40,4 +40,18 @@ def load(data_cfg, seed: int) -> tuple[list[ClientData], ReIDSplit | None]:
       raise ValueError(f"config.data.clients names unknown clients {missing}; "
                        f"{data_cfg.name} has {known}")
     clients = [c for c in clients if c.name in wanted]
-  return clients, public
+  return apply_scenario(clients, data_cfg, seed), public
+
+
+def apply_scenario(clients: list[ClientData], data_cfg, seed: int) -> list[ClientData]:
+  """by_dataset: as is; by_camera / by_identity: split the one dataset named
+  in `data_cfg.clients` into per-camera or `data_cfg.scenario_clients` clients."""
+  if data_cfg.scenario == "by_dataset":
+    return clients
+  from fedreid_jax.datasets import scenarios
+  if len(clients) != 1:
+    raise ValueError(f"config.data.scenario={data_cfg.scenario!r} splits one dataset; set "
+                     f"config.data.clients to one of {[c.name for c in clients]}")
+  if data_cfg.scenario == "by_camera":
+    return scenarios.by_camera(clients[0])
+  return scenarios.by_identity(clients[0], data_cfg.scenario_clients, seed)
