@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.scenario = "by_dataset"  # by_dataset | by_camera | by_identity (one dataset in clients)
   c.data.scenario_clients = 2  # by_identity: number of clients
   c.data.in_memory = True  # keep decoded training images in host memory
+  c.data.loader_threads = 8  # in_memory=False: grain reading threads per client loader
+  c.data.loader_workers = 0  # in_memory=False: grain worker processes (more cores: raise)
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "resnet_tiny"

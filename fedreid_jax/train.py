@@ -34,7 +34,8 @@ def make_mesh(strategy: str, num_selected: int):
     return None
   devices = jax.devices()
   n = max(d for d in range(1, len(devices) + 1) if num_selected % d == 0)
-  return jax.make_mesh((n,), ("clients",), devices=devices[:n])
+  return jax.make_mesh((n,), ("clients",), devices=devices[:n],
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 class Experiment:
@@ -81,7 +82,14 @@ class Experiment:
     serial = cfg.fed.strategy == "serial"
     if serial:
       sums = [jnp.zeros(3)] * len(selected)
-      for lane, images, labels in pipeline.serial_pieces(self.sources, plans, cfg.fed.chunk_steps):
+      if cfg.data.in_memory:
+        pieces = pipeline.serial_pieces(self.sources, plans, cfg.fed.chunk_steps)
+      else:
+        pieces = pipeline.grain_serial_pieces(
+            self.sources, plans, cfg.fed.chunk_steps, cfg.train.batch_size,
+            cfg.train.local_epochs, cfg.seed, round_index, cfg.data.loader_threads,
+            cfg.data.loader_workers)
+      for lane, images, labels in pieces:
         sel, metrics = self.fns.train_lane(sel, lane, images, labels)
         sums[lane] = sums[lane] + metrics
         if progress is not None:

@@ -109,3 +109,13 @@ def test_padding_waste_is_reported(lockstep, serial_after_one_round):
   # clients have 40, 18, 16 images -> 5, 2, 2 steps of 8; chunks of 4 -> 2 chunks x 3 lanes x 4
   assert record["train/steps"] == 9
   assert record["train/padding_waste"] == pytest.approx(24 / 9)
+
+
+def test_serial_streams_lazy_data_through_grain():
+  exp = experiment(**{"fed.strategy": "serial", "data.in_memory": False, "fed.chunk_steps": 2})
+  assert all(src.array is None for src in exp.sources)  # nothing preloaded
+  before = jax.tree.map(jnp.copy, exp.clients.params["classifier"])
+  record = exp.train_round(0)
+  assert record["train/steps"] == 9 and record["train/padding_waste"] == 1.0
+  assert np.isfinite(record["train/loss"])
+  assert not leaves_equal(exp.clients.params["classifier"], before)

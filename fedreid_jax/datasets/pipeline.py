@@ -130,6 +130,23 @@ def round_chunks(sources, plans, chunk_steps: int, batch_size: int) -> Iterator:
   return prefetched(tasks)
 
 
+def grain_serial_pieces(sources, plans, chunk_steps: int, batch_size: int, epochs: int,
+                        seed: int, round_index: int, threads: int, workers: int) -> Iterator:
+  """`serial` on data read lazily (real datasets): each client's batches come
+  from a grain loader (parallel decode + bicubic resize, prefetch) seeded by
+  (seed, round, client), grouped into pieces of K then single steps."""
+  from fedreid_jax.data import grain_loader
+  for lane, plan in enumerate(plans):
+    src = sources[plan.client_id]
+    client_seed = int(np.random.SeedSequence([seed, round_index, plan.client_id]).generate_state(1)[0])
+    batches = iter(grain_loader.make_loader(
+        src.split, image_size=src.size, batch_size=batch_size, seed=client_seed,
+        num_epochs=epochs, worker_count=workers, num_threads=threads))
+    for _, length in lane_pieces(len(plan.indices), chunk_steps):
+      piece = [next(batches) for _ in range(length)]
+      yield (lane, np.stack([b["image"] for b in piece]), np.stack([b["label"] for b in piece]))
+
+
 def serial_pieces(sources, plans, chunk_steps: int) -> Iterator:
   """`serial`: (lane, images `[k, B, ...]`, labels `[k, B]`) client after client, prefetched."""
   tasks = [functools.partial(lambda lane, *a: (lane, *build_piece(*a)), lane,
