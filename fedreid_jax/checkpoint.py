@@ -12,7 +12,8 @@ import jax
 import orbax.checkpoint as ocp
 
 # Config fields that change the shapes or meaning of the saved state.
-STATE_FIELDS = ("seed", "data", "model", "fed.algorithm", "train.batch_size",
+STATE_FIELDS = ("seed", "data.name", "data.clients", "data.image_size", "data.scenario",
+                "data.scenario_clients", "model", "fed.algorithm", "train.batch_size",
                 "train.local_epochs", "fed.clients_per_round")
 
 

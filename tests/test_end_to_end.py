@@ -45,7 +45,6 @@ def test_default_config_two_rounds_via_cli(tmp_path):
 def test_paper_config_compiles_a_round():
   """ResNet-50, the paper's optimiser and head; tiny fake inputs and clients."""
   from fedreid_jax import train
-  cfg = fakes.tiny_config()
   paper = fakes.load_config("fedreid_paper")
   assert paper.model.backbone == "resnet50" and tuple(paper.data.image_size) == (256, 128)
   assert paper.train.batch_size == 32 and paper.fed.rounds == 300

@@ -11,7 +11,6 @@ avoids padded steps altogether.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax

@@ -83,7 +83,6 @@ def aggregate(server: ServerState, selected: ClientStates, spec: AlgorithmSpec,
 def make_round_fns(model, tx: optax.GradientTransformation, train_cfg, spec: AlgorithmSpec,
                    strategy: str, mesh=None) -> RoundFns:
   """Jitted begin / train_chunk / finish for one run."""
-  shared = params_lib.prefix_predicate(spec.shared_prefixes)
   local_step = local_lib.make_local_step(model, tx, train_cfg)
   client_chunk = local_lib.make_client_chunk(local_step)
   run_clients = (None if strategy == "serial"

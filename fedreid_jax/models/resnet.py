@@ -12,7 +12,6 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 # PyTorch BatchNorm: momentum 0.1 (Flax momentum = 1 - 0.1), eps 1e-5.
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
