@@ -13,7 +13,6 @@ printed as a markdown table for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import platform
 import time
@@ -21,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from fedreid_jax import train
+from fedreid_jax import config_lib, train
 from fedreid_jax.datasets import registry
 from fedreid_jax.datasets.base import ClientData, split_from_arrays
 
@@ -31,10 +30,7 @@ PAPER_SIZES = (32621, 16522, 12936, 7365, 3744, 1940, 632, 450, 248)
 
 
 def load_config(name: str):
-  spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(str(ROOT / "configs" / f"{name}.py"))
 
 
 def random_clients(sizes, image_size, num_ids=64, seed=0) -> list[ClientData]:

@@ -9,17 +9,13 @@ rounds of ~2,400 local steps of 32 images at 256x128 on a ResNet-50: on the
 order of a day on one H100 (benchmarks/RESULTS.md has measured step times);
 not meant for a CPU.
 """
-import importlib.util
 import pathlib
 
-_spec = importlib.util.spec_from_file_location(
-    "synthetic_base", pathlib.Path(__file__).with_name("synthetic.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from fedreid_jax.config_lib import load_config_file
 
 
 def get_config():
-  c = _base.get_config()
+  c = load_config_file(str(pathlib.Path(__file__).with_name("synthetic.py")))
   c.data.name = "fedreid"
   c.data.root = "data/tfds"
   c.data.image_size = (256, 128)

@@ -2,6 +2,7 @@
 raised before any data is touched or anything is compiled."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 
@@ -13,6 +14,17 @@ PROTOCOLS = ("standard", "fedreid")
 
 class ConfigError(ValueError):
   """A config value is invalid."""
+
+
+def load_config_file(path: str):
+  """`get_config()` of a config file (configs/*.py), as `--config` would load it."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0] + "_config", path)
+  if spec is None:
+    raise ConfigError(f"config file {path!r} is not a Python file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _choice(value, choices, field):

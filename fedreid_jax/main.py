@@ -31,18 +31,13 @@ def main(argv):
 
 def unknown_override(argv: list[str]) -> str | None:
   """A one-line error for the first `--config.<path>` naming no config field."""
-  import importlib.util
+  from fedreid_jax.config_lib import load_config_file
   paths = [a for a in argv if a.startswith("--config=")] + [
       argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
   if not paths:
     return None
-  spec = importlib.util.spec_from_file_location("_cfg", paths[-1].split("=", 1)[-1].split(":")[0])
-  if spec is None:
-    return None
-  module = importlib.util.module_from_spec(spec)
   try:
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(paths[-1].split("=", 1)[-1].split(":")[0])
   except Exception:  # a broken config file is reported by the flag parser itself
     return None
   for arg in argv:

@@ -31,12 +31,9 @@ def fake_clients(sizes=((4, 10), (3, 6), (2, 8))):
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:
-  import importlib.util, pathlib
-  path = pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"{name}_cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  import pathlib
+  from fedreid_jax.config_lib import load_config_file
+  return load_config_file(str(pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"))
 
 
 def tiny_config() -> ml_collections.ConfigDict:
