@@ -1,10 +1,12 @@
 """Command line: `python -m fedreid_jax.main --config configs/synthetic.py --workdir runs/demo`.
 
-Overrides follow ml_collections: `--config.fed.rounds=5`.
+Overrides follow ml_collections: `--config.fed.rounds=5`. Bad input ends
+with a one-line `error: ...`; set FEDREID_TRACEBACK=1 to see the traceback.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -24,7 +26,9 @@ def main(argv):
   try:
     table = experiment.run(_CONFIG.value, _WORKDIR.value)
   except (config_lib.ConfigError, checkpoint.CheckpointMismatch, FileNotFoundError,
-          ValueError) as e:
+          FloatingPointError, OSError, ValueError) as e:  # bad input: one line
+    if os.environ.get("FEDREID_TRACEBACK"):
+      raise
     sys.exit(f"error: {e}")
   print(table)
 

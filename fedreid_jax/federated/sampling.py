@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedreid_jax import config_lib
+
 
 def num_selected(clients_per_round: float, num_clients: int) -> int:
   """0 -> all; a fraction in (0, 1) -> that share (at least 1); >=1 -> a count."""
@@ -11,7 +13,7 @@ def num_selected(clients_per_round: float, num_clients: int) -> int:
   if clients_per_round < 1:
     return max(1, int(round(clients_per_round * num_clients)))
   if int(clients_per_round) > num_clients:
-    raise ValueError(f"config.fed.clients_per_round={clients_per_round} exceeds the "
+    raise config_lib.ConfigError(f"config.fed.clients_per_round={clients_per_round} exceeds the "
                      f"{num_clients} clients")
   return int(clients_per_round)
 
