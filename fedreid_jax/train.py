@@ -19,6 +19,7 @@ from fedreid_jax import checkpoint, config_lib
 from fedreid_jax.datasets import pipeline, registry
 from fedreid_jax.evaluation import features as features_lib
 from fedreid_jax.federated import local as local_lib
+from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated import rounds as rounds_lib
 from fedreid_jax.federated import sampling
 from fedreid_jax.federated import state as state_lib
@@ -61,7 +62,7 @@ class Experiment:
     self.fns = rounds_lib.make_round_fns(self.model, self.tx, cfg.train, self.spec,
                                          cfg.fed.strategy, mesh)
     self.embed_fn = features_lib.make_embed_fn(self.model)
-    shared = rounds_lib.params_lib.prefix_predicate(("backbone", "embedding"))
+    shared = params_lib.prefix_predicate(rounds_lib.FEATURE_EXTRACTOR)
     init = jax.jit(lambda key: state_lib.init_states(
         self.model, self.tx, shared, key, self.size, num_classes, num_examples))
     self.server, self.clients = init(jax.random.key(cfg.seed))

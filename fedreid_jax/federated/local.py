@@ -104,14 +104,14 @@ def make_local_step(model, tx: optax.GradientTransformation, train_cfg):
   return step
 
 
-def make_client_chunk(local_step, unroll: int | bool = 1):
+def make_client_chunk(local_step):
   """One client, K steps: images `[K, B, H, W, 3]`, labels `[K, B]`, mask `[K]`.
 
   Returns the new state and metric sums `[3]` (loss, accuracy, steps)."""
   def chunk(state, images, labels, mask):
     def body(s, xs):
       return local_step(s, *xs)
-    state, metrics = lax.scan(body, state, (images, labels, mask), unroll=unroll)
+    state, metrics = lax.scan(body, state, (images, labels, mask))
     return state, metrics.sum(0)
   return chunk
 

@@ -25,6 +25,7 @@ from fedreid_jax.federated.state import ClientStates, ServerState, client_round_
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 ALGORITHMS = ("fedpav", "local", "fedavg")
+FEATURE_EXTRACTOR = ("backbone", "embedding")  # the re-ID model without a classifier
 BN_AGGREGATIONS = ("mean", "first_client")
 WEIGHTINGS = ("data_size", "uniform")
 
@@ -44,8 +45,8 @@ class AlgorithmSpec:
 
 def algorithm_spec(fed_cfg) -> AlgorithmSpec:
   """Named algorithm -> its parts. `fedavg` also shares the classifier."""
-  prefixes = {"fedpav": ("backbone", "embedding"), "local": (),
-              "fedavg": ("backbone", "embedding", "classifier")}[fed_cfg.algorithm]
+  prefixes = {"fedpav": FEATURE_EXTRACTOR, "local": (),
+              "fedavg": FEATURE_EXTRACTOR + ("classifier",)}[fed_cfg.algorithm]
   return AlgorithmSpec(prefixes, fed_cfg.weighting, fed_cfg.bn_aggregation,
                        fed_cfg.reset_optimizer)
 
@@ -137,7 +138,7 @@ def global_variables(server: ServerState):
 
 def client_variables(clients: ClientStates, index: int):
   """Client `index`'s own model (backbone + embedding), for local evaluation."""
-  shared = params_lib.prefix_predicate(("backbone", "embedding"))
+  shared = params_lib.prefix_predicate(FEATURE_EXTRACTOR)
   one = params_lib.take_client(clients, index)
   return {"params": params_lib.split_tree(one.params, shared)[0],
           "batch_stats": params_lib.split_tree(one.batch_stats, shared)[0]}
