@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedreid_jax.data import grain_loader, prepare, source
-from fedreid_jax.datasets.naming import format_market_name
+from fedreid_jax.data import prepare, source
+from fedreid_jax.input import grain_loader
+from fedreid_jax.data.naming import format_market_name
 
 
 def photo_like(rng: np.random.Generator, size=(128, 64)) -> Image.Image:

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 
 from fedreid_jax import config_lib, train
-from fedreid_jax.datasets import registry
-from fedreid_jax.datasets.base import ClientData, split_from_arrays
+from fedreid_jax.data import registry
+from fedreid_jax.data.base import ClientData, split_from_arrays
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Training images per client in the paper's benchmark (SPEC.md section 1).

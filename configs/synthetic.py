@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "synthetic"  # see fedreid_jax.datasets.registry
+  c.data.name = "synthetic"  # see fedreid_jax.data.registry
   c.data.root = "data"
   c.data.image_size = (64, 32)
   c.data.clients = ()  # empty: every client of the benchmark

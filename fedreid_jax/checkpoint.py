@@ -11,14 +11,12 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from fedreid_jax.errors import CheckpointMismatch
+
 # Config fields that change the shapes or meaning of the saved state.
 STATE_FIELDS = ("seed", "data.name", "data.clients", "data.image_size", "data.scenario",
                 "data.scenario_clients", "model", "fed.algorithm", "train.batch_size",
                 "train.local_epochs", "fed.clients_per_round")
-
-
-class CheckpointMismatch(ValueError):
-  """The workdir holds a checkpoint written under another config."""
 
 
 def _field(cfg: dict, dotted: str):

@@ -6,14 +6,13 @@ import importlib.util
 import os
 import tempfile
 
-from fedreid_jax.federated import local, rounds
+from fedreid_jax.data import registry
+from fedreid_jax.errors import ConfigError
+
+from fedreid_jax.federated import execution, rounds
 from fedreid_jax.models import resnet
 
 PROTOCOLS = ("standard", "fedreid")
-
-
-class ConfigError(ValueError):
-  """A config value is invalid."""
 
 
 def load_config_file(path: str):
@@ -39,14 +38,13 @@ def _positive(value, field, allow_zero=False):
 
 def validate(config) -> None:
   """Raises ConfigError on the first invalid field."""
-  from fedreid_jax.datasets import registry  # registry imports heavier modules
   _choice(config.data.name, registry.names(), "data.name")
   _choice(config.data.scenario, registry.SCENARIOS, "data.scenario")
   _choice(config.fed.algorithm, rounds.ALGORITHMS, "fed.algorithm")
   for b in config.baselines:
     _choice(b, rounds.ALGORITHMS, "baselines")
-  _choice(config.fed.strategy, local.STRATEGIES, "fed.strategy")
-  _choice(config.fed.weighting, rounds.WEIGHTINGS, "fed.weighting")
+  _choice(config.fed.strategy, execution.STRATEGIES, "fed.strategy")
+  _choice(config.fed.weighting, tuple(rounds.WEIGHTINGS), "fed.weighting")
   _choice(config.fed.bn_aggregation, rounds.BN_AGGREGATIONS, "fed.bn_aggregation")
   _choice(config.eval.protocol, PROTOCOLS, "eval.protocol")
   _choice(config.model.backbone, tuple(resnet.ARCHITECTURES), "model.backbone")

@@ -6,7 +6,7 @@ import logging
 import os
 
 from fedreid_jax import config_lib, train
-from fedreid_jax.datasets import registry
+from fedreid_jax.data import registry
 
 MODEL_LABELS = {"fedpav": "FedPav", "local": "Local training", "fedavg": "FedAvg"}
 
@@ -29,8 +29,8 @@ def run(config, workdir: str) -> str:
   from fedreid_jax.evaluation import report
   config_lib.validate(config)
   config_lib.check_workdir(workdir)
-  clients_data, _ = registry.load(config.data, config.seed)
-  columns = _columns(config.fed.algorithm, train.run(config, workdir, clients_data))
+  clients_data, public = registry.load(config.data, config.seed)
+  columns = _columns(config.fed.algorithm, train.run(config, workdir, clients_data, public))
   plots = [report.plot_convergence(os.path.join(workdir, "metrics.jsonl"),
                                    os.path.join(workdir, "convergence.png"))]
   for baseline in config.baselines:
@@ -40,7 +40,7 @@ def run(config, workdir: str) -> str:
     sub_cfg.fed.algorithm = baseline
     sub_dir = os.path.join(workdir, f"baseline_{baseline}")
     logging.info("baseline %s -> %s", baseline, sub_dir)
-    columns.update(_columns(baseline, train.run(sub_cfg, sub_dir, clients_data)))
+    columns.update(_columns(baseline, train.run(sub_cfg, sub_dir, clients_data, public)))
     plots.append(report.plot_convergence(os.path.join(sub_dir, "metrics.jsonl"),
                                          os.path.join(sub_dir, "convergence.png")))
   title = (f"{config.data.name}: rank-1 / rank-5 / rank-10 / mAP (%), {config.eval.protocol} "

@@ -1,7 +1,8 @@
 """Command line: `python -m fedreid_jax.main --config configs/synthetic.py --workdir runs/demo`.
 
-Overrides follow ml_collections: `--config.fed.rounds=5`. Bad input ends
-with a one-line `error: ...`; set FEDREID_TRACEBACK=1 to see the traceback.
+Overrides follow ml_collections: `--config.fed.rounds=5`. Bad input (an
+`errors.UserError`) ends with a one-line `error: ...`; set FEDREID_TRACEBACK=1
+to see its traceback. Any other exception is a bug and shows its traceback.
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from fedreid_jax import checkpoint, config_lib, experiment
+  from fedreid_jax import experiment
+  from fedreid_jax.errors import UserError
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
   try:
     table = experiment.run(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, checkpoint.CheckpointMismatch, FileNotFoundError,
-          FloatingPointError, OSError, ValueError) as e:  # bad input: one line
+  except UserError as e:  # bad input: one line; anything else is a bug and keeps its traceback
     if os.environ.get("FEDREID_TRACEBACK"):
       raise
     sys.exit(f"error: {e}")

@@ -14,109 +14,98 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fedreid_jax import checkpoint, config_lib
-from fedreid_jax.datasets import pipeline, registry
+from fedreid_jax.data import registry
+from fedreid_jax.errors import ConfigError, TrainingDiverged
 from fedreid_jax.evaluation import features as features_lib
+from fedreid_jax.federated import execution
 from fedreid_jax.federated import local as local_lib
 from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated import rounds as rounds_lib
 from fedreid_jax.federated import sampling
 from fedreid_jax.federated import state as state_lib
+from fedreid_jax.input.train_input import TrainInput
 from fedreid_jax.metric_writer import MetricWriter
 from fedreid_jax.models.reid import build_model
 
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
 
-def make_mesh(strategy: str, num_selected: int):
-  """A 1-D `clients` mesh over the devices that divide the selected count."""
-  if strategy != "sharded":
-    return None
-  devices = jax.devices()
-  n = max(d for d in range(1, len(devices) + 1) if num_selected % d == 0)
-  return jax.make_mesh((n,), ("clients",), devices=devices[:n],
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
 class Experiment:
-  """Everything built once for a run: data, model, compiled round functions."""
+  """Everything built once for a run: data streams, model, compiled round stages.
 
-  def __init__(self, config, clients_data):
-    self.config = config
-    cfg = config
+  `measurements` ({name: `rounds.Measurement`}) and `server_stages`
+  (`rounds.ServerStage`s) are the round's extension points; the config's
+  algorithm supplies none today (CDW and KD will).
+  """
+
+  def __init__(self, config, clients_data, public=None, *, measurements=None,
+               server_stages=()):
+    self.config = cfg = config
     self.clients_data = clients_data
     self.size = tuple(cfg.data.image_size)
     num_classes = np.array([c.num_train_ids for c in clients_data])
     num_examples = np.array([len(c.train) for c in clients_data])
     too_small = [c.name for c, n in zip(clients_data, num_examples) if n < cfg.train.batch_size]
     if too_small:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"clients {too_small} have fewer training images than config.train.batch_size="
           f"{cfg.train.batch_size}; lower the batch size or drop them via config.data.clients")
     self.model = build_model(cfg.model, int(num_classes.max()))
     self.tx = local_lib.make_optimizer(cfg.train)
     self.spec = rounds_lib.algorithm_spec(cfg.fed)
     self.num_selected = sampling.num_selected(cfg.fed.clients_per_round, len(clients_data))
-    mesh = make_mesh(cfg.fed.strategy, self.num_selected)
-    self.fns = rounds_lib.make_round_fns(self.model, self.tx, cfg.train, self.spec,
-                                         cfg.fed.strategy, mesh)
+    local_step = local_lib.make_local_step(self.model, self.tx, cfg.train)
+    self.execute = execution.make_execution(
+        cfg.fed.strategy, local_step, cfg.fed.chunk_steps,
+        execution.make_mesh(cfg.fed.strategy, self.num_selected))
+    self.stages = rounds_lib.make_round_stages(self.spec, self.tx, measurements,
+                                               server_stages=server_stages)
+    input_kw = dict(image_size=self.size, batch_size=cfg.train.batch_size,
+                    epochs=cfg.train.local_epochs, seed=cfg.seed, in_memory=cfg.data.in_memory,
+                    loader_threads=cfg.data.loader_threads,
+                    loader_workers=cfg.data.loader_workers)
+    self.inputs = TrainInput([c.train for c in clients_data],
+                             names=[c.name for c in clients_data], **input_kw)
+    self.public = (TrainInput([public], names=["public"], **input_kw)
+                   if public is not None else None)
     self.embed_fn = features_lib.make_embed_fn(self.model)
     shared = params_lib.prefix_predicate(rounds_lib.FEATURE_EXTRACTOR)
     init = jax.jit(lambda key: state_lib.init_states(
         self.model, self.tx, shared, key, self.size, num_classes, num_examples))
     self.server, self.clients = init(jax.random.key(cfg.seed))
-    self.sources = [pipeline.TrainImages(c.train, self.size, cfg.data.in_memory)
-                    for c in clients_data]
     self.tests = [features_lib.load_test_set(c, self.size) for c in clients_data]
 
-  def train_round(self, round_index: int, progress=None) -> dict:
-    """Runs one round; returns its train metrics."""
+  def selected(self, round_index: int) -> np.ndarray:
+    """Sorted ids of the clients that train in `round_index`."""
+    return sampling.sample_clients(self.config.seed, round_index, len(self.clients_data),
+                                   self.num_selected)
+
+  def train_round(self, round_index: int, on_steps=None) -> dict:
+    """Runs one round through its stages; returns its train record."""
     cfg = self.config
-    selected = sampling.sample_clients(cfg.seed, round_index, len(self.clients_data),
-                                       self.num_selected)
-    plans = [pipeline.client_plan(len(self.clients_data[c].train), cfg.train.batch_size,
-                                  cfg.train.local_epochs, cfg.seed, round_index, int(c))
-             for c in selected]
-    sel_ids = jnp.asarray(selected, jnp.int32)
-    sel = self.fns.begin(self.server, self.clients, sel_ids)
-    serial = cfg.fed.strategy == "serial"
-    if serial:
-      sums = [jnp.zeros(3)] * len(selected)
-      if cfg.data.in_memory:
-        pieces = pipeline.serial_pieces(self.sources, plans, cfg.fed.chunk_steps)
-      else:
-        pieces = pipeline.grain_serial_pieces(
-            self.sources, plans, cfg.fed.chunk_steps, cfg.train.batch_size,
-            cfg.train.local_epochs, cfg.seed, round_index, cfg.data.loader_threads,
-            cfg.data.loader_workers)
-      for lane, images, labels in pieces:
-        sel, metrics = self.fns.train_lane(sel, lane, images, labels)
-        sums[lane] = sums[lane] + metrics
-        if progress is not None:
-          progress.update(images.shape[0])
-      sums = jnp.stack(sums)
-    else:
-      sums = jnp.zeros((len(selected), 3))
-      for images, labels, mask in pipeline.round_chunks(self.sources, plans, cfg.fed.chunk_steps,
-                                                        cfg.train.batch_size):
-        sel, chunk_metrics = self.fns.train_chunk(sel, images, labels, mask)
-        sums = sums + chunk_metrics
-        if progress is not None:
-          progress.update(int(mask.sum()))
-    first = sampling.first_client(cfg.seed, round_index, len(selected))
-    self.server, self.clients = self.fns.finish(self.server, self.clients, sel, sel_ids, first)
-    sums = np.asarray(sums)
-    steps = np.maximum(sums[:, 2], 1)
-    record = {"train/loss": float(sums[:, 0].sum() / steps.sum()),
-              "train/accuracy": float(sums[:, 1].sum() / steps.sum()),
-              "train/padding_waste": pipeline.padding_waste(plans, cfg.fed.chunk_steps, serial),
-              "train/steps": float(sums[:, 2].sum())}
-    for lane, c in enumerate(selected):
-      name = self.clients_data[c].name
-      record[f"client/{name}/loss"] = float(sums[lane, 0] / steps[lane])
-      record[f"client/{name}/accuracy"] = float(sums[lane, 1] / steps[lane])
-    return record
+    ids = self.selected(round_index)
+    ids_dev = jnp.asarray(ids, jnp.int32)
+    selected = self.stages.broadcast(self.server, self.clients, ids_dev)
+    streams = [self.inputs.stream(int(c), round_index) for c in ids]
+    trained, metrics = self.execute(selected, streams, [self.inputs.num_steps(int(c)) for c in ids],
+                                    on_steps)
+    measured = {}
+    if self.stages.measure is not None:
+      batch = self.inputs.measurement_batch([int(c) for c in ids], round_index)
+      before = self.stages.broadcast(self.server, self.clients, ids_dev)
+      measured = self.stages.measure(before, trained, batch["image"], batch["label"])
+    weights = self.stages.weights(trained, measured)
+    first = jnp.int32(sampling.first_client(cfg.seed, round_index, len(ids)))
+    self.server = self.stages.aggregate(self.server, trained, weights, first)
+    self.clients = self.stages.scatter(self.clients, trained, ids_dev)
+    context = rounds_lib.ServerContext(round_index, self.clients, ids_dev, self.public)
+    for stage in self.stages.server_stages:
+      self.server = stage(self.server, context)
+    names = [self.clients_data[c].name for c in ids]
+    return round_record(names, metrics, measured, weights)
 
   def evaluate(self, client_models: bool) -> dict[str, dict[str, dict[str, float]]]:
     """{"global"|"client": {client name: metrics}}; a non-sharing algorithm has
@@ -135,19 +124,38 @@ class Experiment:
     return out
 
 
+def round_record(names, metrics: dict, measured: dict, weights) -> dict[str, float]:
+  """A round's named per-client arrays `[S]` -> the flat record that is logged:
+  `train/<metric>` (step-weighted means; `steps` summed; `padding_waste` =
+  step slots computed / real steps) and `client/<name>/<metric>` (also each
+  measurement and the normalised aggregation `weight`)."""
+  m = {k: np.asarray(v, np.float64) for k, v in metrics.items()}
+  steps = m.pop("steps")
+  slots = m.pop("slots")
+  total = max(float(steps.sum()), 1.0)
+  record = {f"train/{k}": float((v * steps).sum() / total) for k, v in m.items()}
+  record["train/steps"] = float(steps.sum())
+  record["train/padding_waste"] = float(slots.sum() / total)
+  per_client = dict(m, steps=steps, **{k: np.asarray(v) for k, v in measured.items()})
+  w = np.asarray(weights, np.float64)
+  per_client["weight"] = w / w.sum()
+  for key, values in per_client.items():
+    for name, value in zip(names, values):
+      record[f"client/{name}/{key}"] = float(value)
+  return record
+
+
 def flatten_eval(results: dict) -> dict[str, float]:
   prefixes = {"global": "eval", "client": "eval_client"}
   return {f"{prefixes[kind]}/{name}/{m}": v[m]
           for kind, per_client in results.items() for name, v in per_client.items() for m in METRICS}
 
 
-def steps_per_round(exp: Experiment) -> int:
-  cfg = exp.config
-  sizes = sorted((len(c.train) // cfg.train.batch_size for c in exp.clients_data), reverse=True)
-  return sum(sizes[:exp.num_selected]) * cfg.train.local_epochs
+def steps_per_round(exp: Experiment, round_index: int) -> int:
+  return sum(exp.inputs.num_steps(int(c)) for c in exp.selected(round_index))
 
 
-def run(config, workdir: str, clients_data=None) -> dict:
+def run(config, workdir: str, clients_data=None, public=None) -> dict:
   """Trains `config.fed.rounds` rounds (resuming from the workdir's checkpoint)."""
   config_lib.validate(config)
   config_lib.check_workdir(workdir)
@@ -158,10 +166,10 @@ def run(config, workdir: str, clients_data=None) -> dict:
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json(indent=2))
   if clients_data is None:
-    clients_data, _ = registry.load(config.data, config.seed)
+    clients_data, public = registry.load(config.data, config.seed)
   logging.info("clients: %s", ", ".join(f"{c.name} ({len(c.train)} imgs, {c.num_train_ids} ids)"
                                          for c in clients_data))
-  exp = Experiment(config, clients_data)
+  exp = Experiment(config, clients_data, public)
   manager = checkpoint.make_manager(workdir)
   start, (exp.server, exp.clients) = checkpoint.restore_latest(manager, (exp.server, exp.clients))
   if start:
@@ -170,17 +178,19 @@ def run(config, workdir: str, clients_data=None) -> dict:
   rounds = config.fed.rounds
   bar = tqdm.tqdm(total=rounds, initial=start, desc=f"{config.fed.algorithm} rounds", unit="round")
   results = {}
+  redirect = logging_redirect_tqdm()  # log lines print above the bars, not onto them
+  redirect.__enter__()
   try:
     for r in range(start, rounds):
       t0 = time.time()
-      with tqdm.tqdm(total=steps_per_round(exp), desc=f"round {r + 1} local steps",
+      with tqdm.tqdm(total=steps_per_round(exp, r), desc=f"round {r + 1} local steps",
                      unit="step", leave=False) as steps_bar:
-        record = exp.train_round(r, steps_bar)
+        record = exp.train_round(r, steps_bar.update)
       record["train/round_seconds"] = time.time() - t0
       writer.write(r + 1, "train", record)
       if not np.isfinite(record["train/loss"]):
-        raise FloatingPointError(f"round {r + 1}: training loss is {record['train/loss']}; "
-                                 "lower the learning rates")
+        raise TrainingDiverged(f"round {r + 1}: training loss is {record['train/loss']}; "
+                               "lower the learning rates")
       bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.2f}")
       bar.update(1)
       if (r + 1) % config.log_every == 0:
@@ -200,6 +210,7 @@ def run(config, workdir: str, clients_data=None) -> dict:
       results = exp.evaluate(config.eval.client_models)
   finally:
     bar.close()
+    redirect.__exit__(None, None, None)
     writer.close()
     manager.close()
   with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from fedreid_jax.datasets.base import ClientData, split_from_arrays
+from fedreid_jax.data.base import ClientData, split_from_arrays
 
 
 def fake_client(name: str, num_ids: int, per_id: int, seed: int, size=(32, 16)) -> ClientData:
@@ -36,7 +36,8 @@ def load_config(name: str) -> ml_collections.ConfigDict:
   return load_config_file(str(pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"))
 
 
-def tiny_config() -> ml_collections.ConfigDict:
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """The synthetic config shrunk for tests; `overrides` like `{"fed.strategy": "vmap"}`."""
   c = load_config("synthetic")
   c.data.image_size = (32, 16)
   c.model.width = 4
@@ -49,4 +50,7 @@ def tiny_config() -> ml_collections.ConfigDict:
   c.eval.every_rounds = 1
   c.eval.batch_size = 8
   c.baselines = ()
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = value
   return c

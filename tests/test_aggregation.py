@@ -28,18 +28,27 @@ def spec(**kw):
 
 def test_fedpav_weighted_mean_by_hand():
   server, clients = two_clients()
-  out = rounds.aggregate(server, clients, spec(), first_client=jnp.array(1))
+  weights = rounds.data_size_weights(clients, {})
+  out = rounds.aggregate(server, clients, weights, jnp.array(1), spec())
   # weights 100/400 and 300/400: 0.25*[1,2] + 0.75*[3,6] = [2.5, 5.0]
   np.testing.assert_allclose(out.params["backbone"]["w"], [2.5, 5.0])
   np.testing.assert_allclose(out.params["embedding"]["b"], [3.0])  # 0.75*4
   np.testing.assert_allclose(out.batch_stats["backbone"]["mean"], [4.0])  # 0.25+3.75
   assert "classifier" not in out.params
+  assert int(out.round) == 1
+
+
+def test_non_sharing_algorithm_only_advances_the_round():
+  server, clients = two_clients()
+  out = rounds.aggregate(server, clients, jnp.ones(2), jnp.array(0), rounds.AlgorithmSpec(()))
+  assert int(out.round) == 1
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), out.params, server.params))
 
 
 def test_uniform_weights_and_reference_bn_quirk():
   server, clients = two_clients()
-  out = rounds.aggregate(server, clients, spec(weighting="uniform", bn_aggregation="first_client"),
-                         first_client=jnp.array(0))
+  weights = rounds.uniform_weights(clients, {})
+  out = rounds.aggregate(server, clients, weights, jnp.array(0), spec(bn_aggregation="first_client"))
   np.testing.assert_allclose(out.params["backbone"]["w"], [2.0, 4.0])
   np.testing.assert_allclose(out.batch_stats["backbone"]["mean"], [1.0])  # client 0's, unaveraged
 

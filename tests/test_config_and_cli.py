@@ -22,7 +22,7 @@ def cli(*args, timeout=600):
 @pytest.mark.parametrize("field, value, expected", [
     ("fed.algorithm", "fedprox", "choose one of ['fedpav', 'local', 'fedavg']"),
     ("data.name", "imagenet", "choose one of ['synthetic', 'fedreid']"),
-    ("fed.strategy", "pmap", "choose one of ['vmap', 'sequential', 'sharded', 'serial']"),
+    ("fed.strategy", "pmap", "choose one of ['serial', 'vmap', 'sequential', 'sharded']"),
     ("train.batch_size", 0, "must be a positive integer"),
     ("fed.rounds", -3, "must be a positive integer"),
     ("eval.protocol", "cuhk", "choose one of ['standard', 'fedreid']"),
@@ -77,7 +77,7 @@ def test_resume_continues_and_other_config_is_refused(tmp_path):
 
 
 def test_scenarios_from_config():
-  from fedreid_jax.datasets import registry
+  from fedreid_jax.data import registry
   cfg = fakes.tiny_config()
   clients = fakes.fake_clients()
   cfg.data.scenario = "by_identity"

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from fedreid_jax.data import (__main__ as cli, builders, fixtures as F, layouts, prepare,
-                              source, specs)
+import fixtures as F
+from fedreid_jax.data import __main__ as cli, builders, layouts, prepare, source, specs
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from fedreid_jax.data import builders, fixtures as F, layouts, specs, splits
+import fixtures as F
+from fedreid_jax.data import builders, layouts, specs, splits
 from fedreid_jax.data.small_layouts import PRID_CAM_B_OFFSET, PRID_SHARED
 
 

@@ -1,11 +1,15 @@
-"""The grain input pipeline: shapes, drop-last, determinism, augmentation."""
+"""The input pipeline: grain batches (shapes, drop-last, determinism), the
+batch plan, and the device-side augmentation."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedreid_jax.data import fixtures as F, grain_loader as G, prepare, source
-from fedreid_jax.datasets.base import split_from_arrays
+import fixtures as F
+from fedreid_jax.data import prepare, source
+from fedreid_jax.data.images import resize_bicubic
+from fedreid_jax.input import grain_loader as G, plan as plan_lib, train_input
+from fedreid_jax.data.base import split_from_arrays
 
 
 def toy_split(n=21, h=12, w=6):
@@ -34,7 +38,7 @@ def test_shapes_and_drop_last():
 
 def test_deterministic_per_seed_and_order_free_of_threads():
   split = toy_split()
-  kw = dict(image_size=(16, 8), batch_size=4, augment=True)
+  kw = dict(image_size=(16, 8), batch_size=4)
   a = collect(G.make_loader(split, seed=3, num_threads=1, **kw))
   b = collect(G.make_loader(split, seed=3, num_threads=8, **kw))
   c = collect(G.make_loader(split, seed=4, **kw))
@@ -47,35 +51,29 @@ def test_deterministic_per_seed_and_order_free_of_threads():
 def test_unshuffled_resize_matches_bicubic():
   split = toy_split()
   b = collect(G.make_loader(split, image_size=(24, 12), batch_size=3, shuffle=False))[0]
-  np.testing.assert_array_equal(b["image"][1], G.resize_bicubic(split.read_image(1), (24, 12)))
+  np.testing.assert_array_equal(b["image"][1], resize_bicubic(split.read_image(1), (24, 12)))
   np.testing.assert_array_equal(b["label"], split.pids[:3])
 
 
-def test_augment_and_normalize():
-  rng = np.random.default_rng(0)
-  img = np.full((16, 8, 3), 200, np.uint8)
-  out = G.pad_crop_flip(img, rng)
-  assert out.shape == img.shape and out.min() in (0, 200)
-  ramp = np.broadcast_to(np.arange(8, dtype=np.uint8)[None, :, None], (16, 8, 3))
-  flips = {int(G.pad_crop_flip(ramp, np.random.default_rng(s), pad=0)[0, 0, 0])
-           for s in range(20)}
-  assert flips == {0, 7}  # unflipped and flipped
-  ref_img = np.random.default_rng(5).integers(0, 256, (16, 8, 3), dtype=np.uint8)
-  for seed in range(30):  # equals cropping the zero-padded image
-    r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
-    y, x = r2.integers(0, 21, size=2)
-    want = np.pad(ref_img, ((10, 10), (10, 10), (0, 0)))[y:y + 16, x:x + 8]
-    want = want[:, ::-1] if r2.random() < 0.5 else want
-    np.testing.assert_array_equal(G.pad_crop_flip(ref_img, r1), want)
-  norm = G.normalize(img)
-  assert norm.dtype == np.float32
-  np.testing.assert_allclose(norm[0, 0], (200 / 255 - G.IMAGENET_MEAN) / G.IMAGENET_STD,
-                             rtol=1e-6)
-  erased = G.random_erase(norm, np.random.default_rng(1), prob=1.0)
-  assert (erased == 0).any() and not (norm == 0).any()
-  b = collect(G.make_loader(toy_split(), image_size=(16, 8), batch_size=4, augment=True,
-                            normalize=True, erase_prob=0.5))[0]
-  assert b["image"].dtype == np.float32 and b["image"].shape == (4, 16, 8, 3)
+def test_device_augment_is_a_crop_of_the_padded_image_and_flips_both_ways():
+  import jax
+  from fedreid_jax.models import preprocess
+  images = np.random.default_rng(5).integers(0, 256, (64, 16, 8, 3), dtype=np.uint8)
+  out = np.asarray(preprocess.augment(jax.random.key(0), images, pad=3, flip=True))
+  assert out.shape == images.shape and out.dtype == np.uint8
+  flipped = 0
+  for img, got in zip(images, out):
+    padded = np.pad(img, ((3, 3), (3, 3), (0, 0)))
+    crops = [padded[y:y + 16, x:x + 8] for y in range(7) for x in range(7)]
+    plain = any(np.array_equal(got, c) for c in crops)
+    mirrored = any(np.array_equal(got, c[:, ::-1]) for c in crops)
+    assert plain or mirrored
+    flipped += mirrored and not plain
+  assert 10 < flipped < 54  # about half of 64
+  np.testing.assert_array_equal(preprocess.augment(jax.random.key(0), images, 0, False), images)
+  norm = np.asarray(preprocess.normalize(np.full((2, 2, 3), 200, np.uint8)))
+  np.testing.assert_allclose(norm[0, 0], (200 / 255 - np.array([0.485, 0.456, 0.406]))
+                             / np.array([0.229, 0.224, 0.225]), rtol=1e-5)
 
 
 def test_too_small_split():
@@ -87,7 +85,7 @@ def test_prepared_dataset_with_worker_processes(tmp_path):
   F.make_dukemtmc(tmp_path / "raw")
   prepare.prepare("dukemtmc", tmp_path / "raw", tmp_path / "tfds")
   train = source.load_prepared_client("dukemtmc", tmp_path / "tfds").train
-  kw = dict(image_size=(32, 16), batch_size=4, seed=0, augment=True)
+  kw = dict(image_size=(32, 16), batch_size=4, seed=0)
   local = collect(G.make_loader(train, **kw))
   workers = collect(G.make_loader(train, worker_count=2, **kw))
   assert len(local) == len(train) // 4 == len(workers)
@@ -101,3 +99,35 @@ def test_prefetch_to_device():
   batches = list(G.prefetch_to_device(
       G.make_loader(toy_split(), image_size=(8, 4), batch_size=4), size=2))
   assert len(batches) == 5 and isinstance(batches[0]["image"], jax.Array)
+
+
+def test_loader_follows_a_given_plan_and_plans_are_seeded():
+  split = toy_split()
+  rows = plan_lib.client_plan(len(split), 4, 2, seed=1, round_index=3, client_id=2)
+  assert rows.shape == (10, 4)
+  for epoch in (rows[:5], rows[5:]):  # each epoch: distinct images, 20 of 21 (drop last)
+    assert len(np.unique(epoch)) == 20
+  np.testing.assert_array_equal(rows, plan_lib.client_plan(len(split), 4, 2, 1, 3, 2))
+  assert not np.array_equal(rows, plan_lib.client_plan(len(split), 4, 2, 1, 4, 2))
+  batches = collect(G.make_loader(split, image_size=(12, 6), batch_size=4, plan=rows))
+  assert len(batches) == 10
+  for row, b in zip(rows, batches):
+    np.testing.assert_array_equal(b["label"], split.pids[row])
+
+
+def test_streams_of_prepared_data_equal_in_memory_batches(tmp_path):
+  """Prepared (TFDS) data: the in-memory cache and the grain stream read the
+  same pixels (same JPEG draft decode) in the same order."""
+  F.make_dukemtmc(tmp_path / "raw")
+  prepare.prepare("dukemtmc", tmp_path / "raw", tmp_path / "tfds")
+  train = source.load_prepared_client("dukemtmc", tmp_path / "tfds").train
+  kw = dict(image_size=(32, 16), batch_size=4, epochs=1, seed=7)
+  memory = train_input.TrainInput([train], in_memory=True, **kw)
+  stream = train_input.TrainInput([train], in_memory=False, loader_threads=2, **kw)
+  a, b = list(memory.stream(0, 1)), list(stream.stream(0, 1))
+  assert len(a) == len(b) == len(train) // 4
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  m = memory.measurement_batch([0], 1)
+  assert m["image"].shape == (1, 4, 32, 16, 3)

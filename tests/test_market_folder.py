@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedreid_jax.datasets.market_folder import load_market_folder, load_market_split, read_rgb
+from fedreid_jax.data.market_folder import load_market_folder, load_market_split, read_rgb
 
 TREE = {
     "bounding_box_train": ["0002_c1s1_000451_03.jpg", "0002_c2s1_000551_01.png",

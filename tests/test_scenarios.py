@@ -6,9 +6,10 @@ import pickle
 import numpy as np
 import pytest
 
-from fedreid_jax.data import fixtures as F, prepare, source
-from fedreid_jax.datasets import scenarios
-from fedreid_jax.datasets.base import ClientData, split_from_arrays
+import fixtures as F
+from fedreid_jax.data import prepare, source
+from fedreid_jax.data import scenarios
+from fedreid_jax.data.base import ClientData, split_from_arrays
 
 
 def toy_client(num_ids=7, cams=3, per=4) -> ClientData:

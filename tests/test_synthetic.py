@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedreid_jax.datasets import synthetic as S
-from fedreid_jax.datasets.base import ClientData, split_from_arrays
-from fedreid_jax.datasets.naming import parse_market_name
+from fedreid_jax.data import synthetic as S
+from fedreid_jax.data.base import ClientData, split_from_arrays
+from fedreid_jax.data.naming import parse_market_name
 
 SIZE = (16, 8)
 SMALL = [dataclasses.replace(S.DOMAINS[2], train_ids=4, test_ids=3, junk=1, distractors=2),

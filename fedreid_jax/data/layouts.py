@@ -38,9 +38,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fedreid_jax.datasets.base import JUNK_PID
-from fedreid_jax.datasets.naming import parse_cam_first_name, parse_market_name
+from fedreid_jax.data.base import JUNK_PID
+from fedreid_jax.data.naming import parse_cam_first_name, parse_market_name
 from fedreid_jax.data.specs import DatasetSpec
+from fedreid_jax.errors import DatasetNotFound
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 SPLITS = ("train_all", "query", "gallery")
@@ -81,7 +82,7 @@ class Layout:
   description: str
 
 
-class LayoutError(FileNotFoundError):
+class LayoutError(DatasetNotFound):
   """The manual directory holds no accepted layout of the dataset."""
 
 

@@ -10,49 +10,24 @@ each process), so splits can feed grain worker processes.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from fedreid_jax.data import builders, layouts, prepare, specs, splits
-from fedreid_jax.datasets.base import JUNK_PID, ClientData, ReIDSplit
-from fedreid_jax.datasets.scenarios import relabelled
+from fedreid_jax.data.images import decode_image, decode_resized
+from fedreid_jax.data.base import JUNK_PID, ClientData, ReIDSplit
+from fedreid_jax.data.scenarios import relabelled
+from fedreid_jax.errors import DatasetNotPrepared
 
 TRAIN_SPLITS = ("train_all", "train")
 CLIENT_DATASETS = specs.CLIENTS  # the nine clients, SPEC.md table order
 PUBLIC_DATASET = specs.PUBLIC
 
 
-class NotPreparedError(FileNotFoundError):
-  """A dataset was asked for but has not been prepared in `data_dir`."""
-
-
-def decode_image(data: bytes) -> np.ndarray:
-  """Encoded image bytes -> uint8 RGB `[H, W, 3]`."""
-  with Image.open(io.BytesIO(data)) as im:
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
-def decode_resized(data: bytes, size: tuple[int, int], draft: bool = True) -> np.ndarray:
-  """Encoded bytes -> uint8 RGB `[H, W, 3]` at `size` (bicubic).
-
-  With `draft`, a JPEG at least twice the target size is first decoded at a
-  reduced scale by libjpeg (DCT scaling, as PIL's `thumbnail` does), then
-  resized bicubically: several times faster at small sizes, and no change
-  when upsampling (e.g. Market's 128x64 to 256x128).
-  """
-  h, w = size
-  with Image.open(io.BytesIO(data)) as im:
-    if draft and im.format == "JPEG":
-      im.draft("RGB", (w, h))
-    im = im.convert("RGB")
-    if im.size != (w, h):
-      im = im.resize((w, h), Image.BICUBIC)
-    return np.asarray(im, dtype=np.uint8)
+NotPreparedError = DatasetNotPrepared  # the name tests and users know
 
 
 class RecordReader:

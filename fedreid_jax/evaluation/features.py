@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedreid_jax.datasets.base import ClientData
-from fedreid_jax.datasets.pipeline import load_all
-from fedreid_jax.federated.local import normalize
+from fedreid_jax.data.base import ClientData
+from fedreid_jax.input.reader import load_images
+from fedreid_jax.models.preprocess import normalize
 
 
 def make_embed_fn(model):
@@ -48,7 +48,8 @@ class TestSet:
 
 
 def load_test_set(client: ClientData, size: tuple[int, int]) -> TestSet:
-  return TestSet(client.name, load_all(client.query, size), load_all(client.gallery, size),
+  return TestSet(client.name, load_images(client.query, size, f"decoding {client.name} query"),
+                 load_images(client.gallery, size, f"decoding {client.name} gallery"),
                  client.query.pids, client.gallery.pids, client.query.camids, client.gallery.camids)
 
 

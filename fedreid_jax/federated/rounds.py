@@ -1,40 +1,61 @@
-"""The compiled pieces of a federated round, built once per run.
+"""The round as named stages, each a pure function compiled once per run.
 
-A round is `begin` (gather the selected clients, hand them the global model,
-fresh optimizer state and round keys), `train_chunk` called once per chunk of
-K local steps, and `finish` (scatter back, aggregate the shared subtree).
-An algorithm is a configuration of these parts (see `AlgorithmSpec`), not a
-copy: FedPav shares backbone + embedding with data-size weights; local
-training shares nothing.
+    selected = stages.broadcast(server, clients, ids)        # server -> S clients
+    trained, metrics = execute(selected, streams, steps)       # execution.py
+    measured = stages.measure(before, trained, batch)          # {name: [S]}
+    weights = stages.weights(trained, measured)                # [S]
+    server = stages.aggregate(server, trained, weights, first) # shared subtree mean
+    clients = stages.scatter(clients, trained, ids)            # back into [C, ...]
+    server = stage(server, context) for each server stage      # KD, server optimizers
+
+An algorithm is a configuration of these parts (`AlgorithmSpec`), never a
+copy: FedPav shares backbone + embedding with data-size weights; `fedavg`
+also shares the classifier; `local` shares nothing. Client measurements and
+server stages are the extension points (CDW and KD plug in there).
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedreid_jax.federated import local as local_lib
 from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated.state import ClientStates, ServerState, client_round_keys
-
-# How many times each compiled function was traced (tests assert "once").
-TRACE_COUNTS: collections.Counter = collections.Counter()
+from fedreid_jax.federated.tracing import jit_counted
 
 ALGORITHMS = ("fedpav", "local", "fedavg")
 FEATURE_EXTRACTOR = ("backbone", "embedding")  # the re-ID model without a classifier
 BN_AGGREGATIONS = ("mean", "first_client")
-WEIGHTINGS = ("data_size", "uniform")
+
+# A client measurement: (client state before training, after training, images
+# `[B, H, W, 3]` uint8, labels `[B]`) -> scalar, for one client (vmapped over S).
+Measurement = Callable[[ClientStates, ClientStates, jax.Array, jax.Array], jax.Array]
+# Aggregation weights: (trained selected clients `[S, ...]`, measurements
+# {name: `[S]`}) -> unnormalised weights `[S]`.
+Weighting = Callable[[ClientStates, Mapping[str, jax.Array]], jax.Array]
+
+
+def data_size_weights(trained: ClientStates, measured) -> jax.Array:
+  del measured
+  return trained.num_examples
+
+
+def uniform_weights(trained: ClientStates, measured) -> jax.Array:
+  del measured
+  return jnp.ones_like(trained.num_examples)
+
+
+WEIGHTINGS: dict[str, Weighting] = {"data_size": data_size_weights, "uniform": uniform_weights}
 
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmSpec:
   """What an algorithm is made of."""
   shared_prefixes: tuple[str, ...]  # parameter subtrees sent to/from the server
-  weighting: str = "data_size"  # aggregation weights
+  weighting: str = "data_size"  # a key of WEIGHTINGS
   bn_aggregation: str = "mean"  # "mean" or the reference's "first_client" quirk
   reset_optimizer: bool = True  # optimizer state re-created each round
 
@@ -51,29 +72,46 @@ def algorithm_spec(fed_cfg) -> AlgorithmSpec:
                        fed_cfg.reset_optimizer)
 
 
-class RoundFns(NamedTuple):
-  begin: Callable
-  train_chunk: Callable  # all lanes: (sel [S], images [S, K, ...], labels, mask)
-  train_lane: Callable  # `serial`: (sel [S], lane, images [k, ...], labels), no padding
-  finish: Callable
+class ServerContext(NamedTuple):
+  """What a server stage may read besides the server state."""
+  round_index: int  # the round just trained (0-based)
+  clients: ClientStates  # every client, after this round's scatter `[C, ...]`
+  selected: jax.Array  # `[S]` ids trained this round
+  public: Any = None  # the server's public set (`input.TrainInput` of one split), or None
 
 
-def aggregation_weights(weighting: str, selected: ClientStates) -> jax.Array:
-  """`[S]` unnormalised weights of the selected clients."""
-  if weighting == "data_size":
-    return selected.num_examples
-  if weighting == "uniform":
-    return jnp.ones_like(selected.num_examples)
-  raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
+# A server stage: (server state, context) -> server state. Runs after
+# aggregation, in order (KD, server optimizers); compile what it computes once.
+ServerStage = Callable[[ServerState, ServerContext], ServerState]
 
 
-def aggregate(server: ServerState, selected: ClientStates, spec: AlgorithmSpec,
-              first_client: jax.Array) -> ServerState:
-  """FedPav: weighted mean of the shared subtree over selected clients `[S, ...]`."""
+def broadcast(server: ServerState, clients: ClientStates, ids: jax.Array, spec: AlgorithmSpec,
+              tx: optax.GradientTransformation) -> ClientStates:
+  """The selected clients `[S, ...]` ready to train: the global shared subtree
+  over their own private parts, a fresh optimizer state, this round's keys
+  `fold_in(fold_in(seed, round), id)`, step counters at 0."""
+  sel = jax.tree.map(lambda x: x[ids], clients)
+  params, stats = sel.params, sel.batch_stats
+  if spec.shares:
+    bcast = lambda x: jnp.broadcast_to(x, (ids.shape[0], *x.shape))
+    params = params_lib.merge_trees(params, jax.tree.map(bcast, server.params))
+    stats = params_lib.merge_trees(stats, jax.tree.map(bcast, server.batch_stats))
+  opt_state = jax.vmap(tx.init)(params) if spec.reset_optimizer else sel.opt_state
+  return sel._replace(params=params, batch_stats=stats, opt_state=opt_state,
+                      rng=client_round_keys(server.rng, server.round, ids),
+                      step=jnp.zeros_like(sel.step))
+
+
+def aggregate(server: ServerState, trained: ClientStates, weights: jax.Array,
+              first_client: jax.Array, spec: AlgorithmSpec) -> ServerState:
+  """Weighted mean of the shared subtree over `trained` `[S, ...]`; the server
+  advances to the next round (a non-sharing algorithm only does that)."""
+  server = server._replace(round=server.round + 1)
+  if not spec.shares:
+    return server
   shared = params_lib.prefix_predicate(spec.shared_prefixes)
-  weights = aggregation_weights(spec.weighting, selected)
-  params = params_lib.weighted_mean(params_lib.split_tree(selected.params, shared)[0], weights)
-  stats = params_lib.split_tree(selected.batch_stats, shared)[0]
+  params = params_lib.weighted_mean(params_lib.split_tree(trained.params, shared)[0], weights)
+  stats = params_lib.split_tree(trained.batch_stats, shared)[0]
   if spec.bn_aggregation == "mean":
     stats = params_lib.weighted_mean(stats, weights)
   else:  # reference quirk: statistics of the round's first (random) client
@@ -81,54 +119,43 @@ def aggregate(server: ServerState, selected: ClientStates, spec: AlgorithmSpec,
   return server._replace(params=params, batch_stats=stats)
 
 
-def make_round_fns(model, tx: optax.GradientTransformation, train_cfg, spec: AlgorithmSpec,
-                   strategy: str, mesh=None) -> RoundFns:
-  """Jitted begin / train_chunk / finish for one run."""
-  local_step = local_lib.make_local_step(model, tx, train_cfg)
-  client_chunk = local_lib.make_client_chunk(local_step)
-  run_clients = (None if strategy == "serial"
-                 else local_lib.make_strategy(strategy, client_chunk, mesh))
+def scatter(clients: ClientStates, trained: ClientStates, ids: jax.Array) -> ClientStates:
+  """Writes the trained selected clients back into the full `[C, ...]` state."""
+  return jax.tree.map(lambda full, s: full.at[ids].set(s), clients, trained)
 
-  def begin(server: ServerState, clients: ClientStates, selected_ids: jax.Array):
-    TRACE_COUNTS["begin"] += 1
-    sel = jax.tree.map(lambda x: x[selected_ids], clients)
-    params, stats = sel.params, sel.batch_stats
-    if spec.shares:
-      num = selected_ids.shape[0]
-      bcast = lambda x: jnp.broadcast_to(x, (num, *x.shape))
-      params = params_lib.merge_trees(params, jax.tree.map(bcast, server.params))
-      stats = params_lib.merge_trees(stats, jax.tree.map(bcast, server.batch_stats))
-    opt_state = jax.vmap(tx.init)(params) if spec.reset_optimizer else sel.opt_state
-    return sel._replace(params=params, batch_stats=stats, opt_state=opt_state,
-                        rng=client_round_keys(server.rng, server.round, selected_ids),
-                        step=jnp.zeros_like(sel.step))
 
-  def train_chunk(sel: ClientStates, images, labels, mask):
-    TRACE_COUNTS["train_chunk"] += 1
-    return run_clients(sel, images, labels, mask)
+def measure(before: ClientStates, after: ClientStates, images: jax.Array, labels: jax.Array,
+            measurements: Mapping[str, Measurement]) -> dict[str, jax.Array]:
+  """Every measurement for every selected client: {name: `[S]`}."""
+  return {name: jax.vmap(fn)(before, after, images, labels)
+          for name, fn in measurements.items()}
 
-  def train_lane(sel: ClientStates, lane, images, labels):
-    TRACE_COUNTS[f"train_lane[{images.shape[0]}]"] += 1
-    state = params_lib.take_client(sel, lane)
-    if images.shape[0] == 1:  # no scan: XLA CPU runs convs in a loop body ~2.5x slower
-      state, metrics = local_step(state, images[0], labels[0], jnp.array(True))
-    else:
-      state, metrics = client_chunk(state, images, labels, jnp.ones(images.shape[0], bool))
-    sel = jax.tree.map(lambda full, one: full.at[lane].set(one), sel, state)
-    return sel, metrics
 
-  def finish(server: ServerState, clients: ClientStates, sel: ClientStates,
-             selected_ids: jax.Array, first_client: jax.Array):
-    TRACE_COUNTS["finish"] += 1
-    clients = jax.tree.map(lambda full, s: full.at[selected_ids].set(s), clients, sel)
-    if spec.shares:
-      server = aggregate(server, sel, spec, first_client)
-    return server._replace(round=server.round + 1), clients
+class RoundStages(NamedTuple):
+  """The compiled stages of one run (see the module docstring)."""
+  broadcast: Callable  # (server, clients, ids [S]) -> selected [S, ...]
+  measure: Callable | None  # (before, after, images [S, B, ...], labels [S, B]) -> {name: [S]}
+  weights: Callable  # (trained, measured) -> [S]
+  aggregate: Callable  # (server, trained, weights, first_client) -> server
+  scatter: Callable  # (clients, trained, ids) -> clients
+  server_stages: tuple[ServerStage, ...]
 
-  return RoundFns(begin=jax.jit(begin),
-                  train_chunk=jax.jit(train_chunk, donate_argnums=0),
-                  train_lane=jax.jit(train_lane, donate_argnums=0),
-                  finish=jax.jit(finish, donate_argnums=1))
+
+def make_round_stages(spec: AlgorithmSpec, tx: optax.GradientTransformation,
+                      measurements: Mapping[str, Measurement] | None = None,
+                      weighting: Weighting | None = None,
+                      server_stages: Sequence[ServerStage] = ()) -> RoundStages:
+  """Jits each stage once for the run. `weighting` overrides `spec.weighting`."""
+  weighting = weighting or WEIGHTINGS[spec.weighting]
+  measurements = dict(measurements or {})
+  return RoundStages(
+      broadcast=jit_counted("broadcast", lambda s, c, ids: broadcast(s, c, ids, spec, tx)),
+      measure=(jit_counted("measure", lambda b, a, x, y: measure(b, a, x, y, measurements))
+               if measurements else None),
+      weights=jit_counted("weights", weighting),
+      aggregate=jit_counted("aggregate", lambda s, t, w, f: aggregate(s, t, w, f, spec)),
+      scatter=jit_counted("scatter", scatter, donate_argnums=0),
+      server_stages=tuple(server_stages))
 
 
 def global_variables(server: ServerState):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedreid_jax import config_lib
+from fedreid_jax.errors import ConfigError
 
 
 def num_selected(clients_per_round: float, num_clients: int) -> int:
@@ -13,7 +13,7 @@ def num_selected(clients_per_round: float, num_clients: int) -> int:
   if clients_per_round < 1:
     return max(1, int(round(clients_per_round * num_clients)))
   if int(clients_per_round) > num_clients:
-    raise config_lib.ConfigError(f"config.fed.clients_per_round={clients_per_round} exceeds the "
+    raise ConfigError(f"config.fed.clients_per_round={clients_per_round} exceeds the "
                      f"{num_clients} clients")
   return int(clients_per_round)
 

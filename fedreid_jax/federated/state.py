@@ -32,11 +32,15 @@ class ClientStates(NamedTuple):
 
 
 class ServerState(NamedTuple):
-  """The global (shared) model: backbone + embedding block, plus bookkeeping."""
+  """The global (shared) model: backbone + embedding block, plus bookkeeping.
+
+  opt_state: a server optimizer's state (server stages own it; `()` when none).
+  """
   params: Any
   batch_stats: Any
   round: jax.Array
   rng: jax.Array
+  opt_state: Any = ()
 
 
 def init_states(model, tx: optax.GradientTransformation, shared: params_lib.PathPredicate,

@@ -26,24 +26,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from fedreid_jax.datasets.base import JUNK_PID, ClientData, ReIDSplit, relabel
-from fedreid_jax.datasets.naming import parse_market_name
+from fedreid_jax.data.base import JUNK_PID, ClientData, ReIDSplit, relabel
+from fedreid_jax.data.naming import parse_market_name
+from fedreid_jax.data.images import read_rgb
+from fedreid_jax.errors import DatasetNotFound
 
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query",
                  "gallery": "bounding_box_test"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-  """Reads one image file as uint8 RGB `[H, W, 3]`; errors name the file."""
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"), dtype=np.uint8)
-  except Exception as e:  # PIL raises several types for corrupt files.
-    raise OSError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
 
 
 def list_images(folder: Path) -> list[str]:
@@ -55,12 +47,12 @@ def list_images(folder: Path) -> list[str]:
 def _check_layout(root: Path, name: str) -> None:
   expected = ", ".join(f"{f}/" for f in SPLIT_FOLDERS.values())
   if not root.is_dir():
-    raise FileNotFoundError(
+    raise DatasetNotFound(
         f"dataset {name!r}: root folder {str(root)!r} does not exist; expected a "
         f"Market-1501 style folder containing {expected}")
   missing = [f for f in SPLIT_FOLDERS.values() if not (root / f).is_dir()]
   if missing:
-    raise FileNotFoundError(
+    raise DatasetNotFound(
         f"dataset {name!r}: missing sub-folder(s) {', '.join(missing)} in "
         f"{str(root)!r} (tried {', '.join(str(root / m) for m in missing)}); "
         f"expected a Market-1501 style folder containing {expected}")
@@ -94,7 +86,7 @@ def load_market_split(folder: str | Path, *, train: bool, preload: bool = True,
   """
   folder = Path(folder)
   if not folder.is_dir():
-    raise FileNotFoundError(f"split folder {str(folder)!r} does not exist")
+    raise DatasetNotFound(f"split folder {str(folder)!r} does not exist")
   names = list_images(folder)
   parsed = []
   for n in names:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fedreid_jax import config_lib
-from fedreid_jax.datasets.base import ClientData, ReIDSplit
+from fedreid_jax.errors import ConfigError
+from fedreid_jax.data.base import ClientData, ReIDSplit
 
 
 def _synthetic(data_cfg, seed: int):
-  from fedreid_jax.datasets import synthetic
+  from fedreid_jax.data import synthetic
   return synthetic.load_synthetic_benchmark(data_cfg.root, seed=seed,
                                             image_size=tuple(data_cfg.image_size))
 
@@ -31,14 +31,14 @@ def names() -> tuple[str, ...]:
 def load(data_cfg, seed: int) -> tuple[list[ClientData], ReIDSplit | None]:
   """Clients (filtered by `data_cfg.clients` when set) and the public set."""
   if data_cfg.name not in _BENCHMARKS:
-    raise config_lib.ConfigError(f"unknown dataset {data_cfg.name!r}; choose one of {list(_BENCHMARKS)}")
+    raise ConfigError(f"unknown dataset {data_cfg.name!r}; choose one of {list(_BENCHMARKS)}")
   clients, public = _BENCHMARKS[data_cfg.name](data_cfg, seed)
   wanted = list(data_cfg.clients)
   if wanted:
     known = [c.name for c in clients]
     missing = [w for w in wanted if w not in known]
     if missing:
-      raise config_lib.ConfigError(f"config.data.clients names unknown clients {missing}; "
+      raise ConfigError(f"config.data.clients names unknown clients {missing}; "
                        f"{data_cfg.name} has {known}")
     clients = [c for c in clients if c.name in wanted]
   return apply_scenario(clients, data_cfg, seed), public
@@ -49,9 +49,9 @@ def apply_scenario(clients: list[ClientData], data_cfg, seed: int) -> list[Clien
   in `data_cfg.clients` into per-camera or `data_cfg.scenario_clients` clients."""
   if data_cfg.scenario == "by_dataset":
     return clients
-  from fedreid_jax.datasets import scenarios
+  from fedreid_jax.data import scenarios
   if len(clients) != 1:
-    raise config_lib.ConfigError(f"config.data.scenario={data_cfg.scenario!r} splits one dataset; set "
+    raise ConfigError(f"config.data.scenario={data_cfg.scenario!r} splits one dataset; set "
                      f"config.data.clients to one of {[c.name for c in clients]}")
   if data_cfg.scenario == "by_camera":
     return scenarios.by_camera(clients[0])

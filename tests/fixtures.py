@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fedreid_jax.datasets.naming import format_market_name
+from fedreid_jax.data.naming import format_market_name
 from fedreid_jax.data.small_layouts import PRID_SHARED
 
 SIZE = (8, 4)  # (H, W)

@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fedreid_jax.datasets.base import JUNK_PID, ClientData, ReIDSplit, relabel
+from fedreid_jax.data.base import JUNK_PID, ClientData, ReIDSplit, relabel
+from fedreid_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +87,14 @@ def by_camera(client: ClientData) -> list[ClientData]:
 def by_identity(client: ClientData, num_clients: int, seed: int = 0) -> list[ClientData]:
   """`client`'s training ids shuffled (seeded) and split into `num_clients` parts.
 
-  Client names are `<name>_part<k>` (1-based). Raises ValueError when there
+  Client names are `<name>_part<k>` (1-based). Raises ConfigError when there
   are fewer training ids than clients.
   """
   if num_clients < 1:
-    raise ValueError(f"num_clients={num_clients} must be at least 1")
+    raise ConfigError(f"config.data.scenario_clients={num_clients} must be at least 1")
   ids = np.unique(client.train.pids[client.train.pids != JUNK_PID])
   if len(ids) < num_clients:
-    raise ValueError(f"{client.name} has {len(ids)} training ids, fewer than "
+    raise ConfigError(f"{client.name} has {len(ids)} training ids, fewer than "
                      f"num_clients={num_clients}")
   shuffled = np.random.default_rng([seed, len(ids)]).permutation(ids)
   out = []

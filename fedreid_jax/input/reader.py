@@ -1,0 +1,42 @@
+"""Model-size images from a `ReIDSplit`: the one read-and-resize path.
+
+Prepared datasets offer a batched `read_resized` (one array_record call, JPEG
+draft decoding); any other split is read image by image and resized with
+`images.resize_bicubic`. Training (in memory or streamed) and evaluation all
+read through `read_resized`, so an index always yields the same pixels.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedreid_jax.data.base import ReIDSplit
+from fedreid_jax.data.images import resize_bicubic
+from fedreid_jax.data.scenarios import Take
+
+
+def read_resized(split: ReIDSplit, indices, size: tuple[int, int],
+                 draft: bool = True) -> np.ndarray:
+  """uint8 `[n, H, W, 3]`: `split`'s images `indices` at `size` (bicubic)."""
+  read, idx = split.read_image, np.asarray(indices, np.int64)
+  while isinstance(read, Take):  # subsets of a prepared split: read the parent in one call
+    read, idx = read.read_image, read.indices[idx]
+  if hasattr(read, "read_resized"):
+    images = read.read_resized(idx, tuple(size), draft)
+  else:
+    images = [resize_bicubic(read(int(i)), tuple(size)) for i in idx]
+  if not images:
+    return np.zeros((0, *size, 3), np.uint8)
+  return np.stack(images)
+
+
+def load_images(split: ReIDSplit, size: tuple[int, int], desc: str = "",
+                block: int = 256) -> np.ndarray:
+  """Every image of `split` at `size`: uint8 `[N, H, W, 3]` (progress bar when long)."""
+  out = np.zeros((len(split), *size, 3), np.uint8)
+  starts = range(0, len(split), block)
+  for start in tqdm(starts, desc=desc or "decoding", unit="block", leave=False,
+                    disable=len(starts) < 8):
+    out[start:start + block] = read_resized(split, np.arange(start, min(start + block,
+                                                                        len(split))), size)
+  return out

@@ -1,0 +1,36 @@
+"""Device-side image preprocessing, shared by training and evaluation.
+
+The host hands over uint8 images already at the model's size
+(`fedreid_jax.input`); the training transform (`augment`) and the ImageNet
+normalisation (`normalize`) run here, inside the compiled functions.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMAGENET_MEAN = jnp.array([0.485, 0.456, 0.406], jnp.float32) * 255.0
+IMAGENET_STD = jnp.array([0.229, 0.224, 0.225], jnp.float32) * 255.0
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  """uint8 `[..., H, W, 3]` -> ImageNet-normalised float32."""
+  return (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def augment(key: jax.Array, images: jax.Array, pad: int, flip: bool) -> jax.Array:
+  """Zero-pad `pad`, random crop back, random horizontal flip; `[B, H, W, 3]` uint8."""
+  b, h, w, _ = images.shape
+
+  def one(k, img):
+    k_crop, k_flip = jax.random.split(k)
+    if pad:
+      img = jnp.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+      dy, dx = jax.random.randint(k_crop, (2,), 0, 2 * pad + 1)
+      img = lax.dynamic_slice(img, (dy, dx, 0), (h, w, 3))
+    if flip:
+      img = jnp.where(jax.random.bernoulli(k_flip), img[:, ::-1], img)
+    return img
+
+  return jax.vmap(one)(jax.random.split(key, b), images)
