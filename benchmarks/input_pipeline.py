@@ -6,7 +6,7 @@ Generates a Market-1501-style fixture (`--images` training JPEGs at Market's
 native 128x64, smooth random content so they decode like photos), prepares it
 as TFDS array_record in a temporary folder, and times full passes of
 `make_loader` at 256x128 (the paper's size) and 64x32 (the CPU configs' size),
-with and without the host-side augmentation, for each worker count. The first
+for each worker count (augmentation runs on the device, not here). The first
 batch (worker start-up) is excluded; each figure is the best of `--repeats`.
 """
 from __future__ import annotations
@@ -51,12 +51,12 @@ def make_fixture(root: Path, num_images: int, seed: int = 0) -> Path:
   return base
 
 
-def time_pass(split, size, batch, workers, augment, repeats: int) -> float:
+def time_pass(split, size, batch, workers, repeats: int) -> float:
   """Best images/s over `repeats` full passes (first batch excluded)."""
   best = 0.0
   for r in range(repeats):
     it = iter(grain_loader.make_loader(split, image_size=size, batch_size=batch, seed=r,
-                                       worker_count=workers, augment=augment))
+                                       worker_count=workers))
     next(it)
     t0, n = time.perf_counter(), 0
     for b in it:
@@ -82,12 +82,11 @@ def main() -> None:
     print(f"fixture: {args.images} JPEGs 128x64, prepared in {time.perf_counter() - t0:.1f} s; "
           f"{os.cpu_count()} CPU cores")
     split = source.load_prepared_client("market1501", tmp / "tfds").train
-    print(f"{'size':>8s} {'workers':>7s} {'augment':>7s} {'images/s':>9s}")
+    print(f"{'size':>8s} {'workers':>7s} {'images/s':>9s}")
     for size in ((256, 128), (64, 32)):
       for workers in (int(w) for w in args.workers.split(",")):
-        for augment in (False, True):
-          ips = time_pass(split, size, args.batch, workers, augment, args.repeats)
-          print(f"{size[0]:>4d}x{size[1]:<3d} {workers:>7d} {str(augment):>7s} {ips:>9.0f}")
+        ips = time_pass(split, size, args.batch, workers, args.repeats)
+        print(f"{size[0]:>4d}x{size[1]:<3d} {workers:>7d} {ips:>9.0f}")
 
 
 if __name__ == "__main__":

@@ -24,15 +24,27 @@ def _columns(algorithm: str, results: dict) -> dict:
   return cols
 
 
+def _report(columns: dict, config, run_dir: str) -> str:
+  """Writes `run_dir`'s results.md (the full table) and convergence.png."""
+  from fedreid_jax.evaluation import report
+  title = (f"{config.data.name}: rank-1 / rank-5 / rank-10 / mAP (%), {config.eval.protocol} "
+           f"protocol, after {config.fed.rounds} rounds")
+  with open(os.path.join(run_dir, "results.md"), "w", encoding="utf-8") as f:
+    f.write(report.format_results_table(columns, title) + "\n")
+  return report.plot_convergence(os.path.join(run_dir, "metrics.jsonl"),
+                                 os.path.join(run_dir, "convergence.png"))
+
+
 def run(config, workdir: str) -> str:
-  """Runs everything; returns the markdown results table (also in results.md)."""
+  """Runs everything; returns a terminal-width table of rank-1 / mAP. The full
+  tables are in `<workdir>/results.md` (all runs) and each baseline's folder."""
   from fedreid_jax.evaluation import report
   config_lib.validate(config)
   config_lib.check_workdir(workdir)
   clients_data, public = registry.load(config.data, config.seed)
-  columns = _columns(config.fed.algorithm, train.run(config, workdir, clients_data, public))
-  plots = [report.plot_convergence(os.path.join(workdir, "metrics.jsonl"),
-                                   os.path.join(workdir, "convergence.png"))]
+  own = _columns(config.fed.algorithm, train.run(config, workdir, clients_data, public))
+  plots = [_report(own, config, workdir)]
+  columns = dict(own)
   for baseline in config.baselines:
     if baseline == config.fed.algorithm:
       continue
@@ -40,13 +52,12 @@ def run(config, workdir: str) -> str:
     sub_cfg.fed.algorithm = baseline
     sub_dir = os.path.join(workdir, f"baseline_{baseline}")
     logging.info("baseline %s -> %s", baseline, sub_dir)
-    columns.update(_columns(baseline, train.run(sub_cfg, sub_dir, clients_data, public)))
-    plots.append(report.plot_convergence(os.path.join(sub_dir, "metrics.jsonl"),
-                                         os.path.join(sub_dir, "convergence.png")))
-  title = (f"{config.data.name}: rank-1 / rank-5 / rank-10 / mAP (%), {config.eval.protocol} "
-           f"protocol, after {config.fed.rounds} rounds")
-  table = report.format_results_table(columns, title)
-  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(table + "\n")
-  logging.info("plots: %s", ", ".join(plots))
-  return table
+    sub = _columns(baseline, train.run(sub_cfg, sub_dir, clients_data, public))
+    plots.append(_report(sub, sub_cfg, sub_dir))
+    columns.update(sub)
+  if len(columns) > len(own):  # the combined table replaces the main run's own
+    _report(columns, config, workdir)
+  logging.info("tables: %s; plots: %s", os.path.join(workdir, "results.md"), ", ".join(plots))
+  return report.format_terminal_table(
+      columns, f"{config.data.name}, {config.eval.protocol} protocol, after "
+      f"{config.fed.rounds} rounds: rank-1 / mAP (%); full table in results.md")

@@ -19,19 +19,37 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (config, metrics,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  del argv
-  from fedreid_jax import experiment
+def run_or_exit(fn):
+  """`fn()`; a `UserError` becomes `sys.exit("error: <message>")` (one line,
+  unless FEDREID_TRACEBACK is set). Any other exception is a bug: it propagates
+  with its traceback."""
   from fedreid_jax.errors import UserError
-  logging.getLogger().setLevel(logging.INFO)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
   try:
-    table = experiment.run(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:  # bad input: one line; anything else is a bug and keeps its traceback
+    return fn()
+  except UserError as e:
     if os.environ.get("FEDREID_TRACEBACK"):
       raise
     sys.exit(f"error: {e}")
-  print(table)
+
+
+def use_compilation_cache() -> None:
+  """Compiled XLA programs persist in ~/.cache/fedreid_jax/xla (unless
+  JAX_COMPILATION_CACHE_DIR says otherwise): baselines and reruns of the same
+  shapes skip compilation."""
+  import jax
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.path.expanduser("~"), ".cache", "fedreid_jax", "xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def main(argv):
+  del argv
+  from fedreid_jax import experiment
+  logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+  use_compilation_cache()
+  print(run_or_exit(lambda: experiment.run(_CONFIG.value, _WORKDIR.value)))
 
 
 def unknown_override(argv: list[str]) -> str | None:

@@ -89,3 +89,21 @@ def test_scenarios_from_config():
   assert sum(len(c.train) for c in split) == len(clients[0].train)
   cfg.data.scenario = "by_camera"
   assert len(registry.apply_scenario(clients[:1], cfg.data, seed=0)) == 2  # fake data: 2 cameras
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch):
+  from fedreid_jax import errors, main
+  monkeypatch.delenv("FEDREID_TRACEBACK", raising=False)
+
+  def bad_input():
+    raise errors.DatasetNotPrepared("dataset 'viper' is not prepared; run: ...")
+
+  with pytest.raises(SystemExit, match="^error: dataset 'viper' is not prepared"):
+    main.run_or_exit(bad_input)
+
+  def bug():
+    raise ValueError("an internal shape bug")
+
+  with pytest.raises(ValueError, match="internal shape bug"):
+    main.run_or_exit(bug)
+  assert main.run_or_exit(lambda: 3) == 3

@@ -65,18 +65,26 @@ import sys, jax, numpy as np
 sys.path.insert(0, "tests")
 import fakes
 from fedreid_jax import train
+from fedreid_jax.federated.params import take_client
+from fedreid_jax.federated.tracing import TRACE_COUNTS
 assert jax.device_count() == 4
 out = {}
 for strategy in ("sharded", "sequential"):
-  cfg = fakes.tiny_config()
-  cfg.fed.strategy = strategy
+  cfg = fakes.tiny_config(**{"fed.strategy": strategy, "fed.chunk_steps": 4})
   exp = train.Experiment(cfg, fakes.fake_clients(((4, 10), (3, 6), (2, 8), (2, 12))))
   exp.train_round(0)
-  out[strategy] = [np.asarray(x) for x in jax.tree.leaves(exp.server.params)]
-worst = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-6))
-            for a, b in zip(out["sharded"], out["sequential"]))
+  out[strategy] = exp
+worst = 0.0
+for c in range(4):  # every client, not only the aggregate
+  for a, b in zip(jax.tree.leaves(take_client(out["sharded"].clients, c).params),
+                  jax.tree.leaves(take_client(out["sequential"].clients, c).params)):
+    worst = max(worst, float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-6)))
 print("relative difference", worst)
 assert worst < 1e-4, worst
+before = dict(TRACE_COUNTS)  # compiles once: later rounds trace nothing new
+assert before["sharded/chunk"] == 1, before
+out["sharded"].train_round(1)
+assert dict(TRACE_COUNTS) == before, (before, dict(TRACE_COUNTS))
 """
 
 

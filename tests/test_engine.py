@@ -47,7 +47,7 @@ def lockstep_rounds():
   """`vmap` and `sequential` after the same first round as `serial_round`."""
   out = {}
   for strategy in ("vmap", "sequential"):
-    exp = experiment(**{"fed.strategy": strategy})
+    exp = experiment(**{"fed.strategy": strategy, "fed.chunk_steps": 4})  # masked steps
     out[strategy] = (exp, exp.train_round(0))
   return out
 
@@ -138,7 +138,7 @@ def test_unselected_clients_stay_put_and_classifiers_stay_private():
 
 
 def test_local_algorithm_keeps_each_clients_own_model_over_rounds():
-  exp = experiment(**{"fed.algorithm": "local", "fed.strategy": "serial", "fed.chunk_steps": 1})
+  exp = experiment(**{"fed.algorithm": "local"})
   server0 = copy(exp.server)
   exp.train_round(0)
   after_one = copy(exp.clients)
@@ -155,7 +155,7 @@ def test_local_algorithm_keeps_each_clients_own_model_over_rounds():
 
 
 def test_fedavg_shares_the_classifier_too():
-  exp = experiment(**{"fed.algorithm": "fedavg", "fed.strategy": "serial", "fed.chunk_steps": 1})
+  exp = experiment(**{"fed.algorithm": "fedavg"})
   exp.train_round(0)
   assert set(exp.server.params) == {"backbone", "embedding", "classifier"}
   sel = exp.stages.broadcast(exp.server, exp.clients, jnp.arange(3))
@@ -176,7 +176,7 @@ def test_measurement_and_server_stage_hooks():
     seen.append((ctx.round_index, tuple(np.asarray(ctx.selected)), ctx.public))
     return server._replace(params=jax.tree.map(lambda x: 2 * x, server.params))
 
-  cfg = fakes.tiny_config(**{"fed.strategy": "serial", "fed.chunk_steps": 1})
+  cfg = fakes.tiny_config()
   plain = train.Experiment(cfg, fakes.fake_clients())
   hooked = train.Experiment(cfg, fakes.fake_clients(), public=fakes.fake_clients()[0].train,
                             measurements={"const": const}, server_stages=[double])
@@ -192,8 +192,7 @@ def test_measurement_and_server_stage_hooks():
 
 
 def test_in_memory_and_streamed_batches_and_round_are_identical():
-  cfgs = [fakes.tiny_config(**{"fed.strategy": "serial", "fed.chunk_steps": 1,
-                               "data.in_memory": in_memory}) for in_memory in (True, False)]
+  cfgs = [fakes.tiny_config(**{"data.in_memory": in_memory}) for in_memory in (True, False)]
   exps = [train.Experiment(c, fakes.fake_clients()) for c in cfgs]
   for client, round_index in ((0, 0), (2, 3)):
     a, b = (list(e.inputs.stream(client, round_index)) for e in exps)

@@ -82,3 +82,24 @@ def test_plot_convergence_empty_log(tmp_path):
   out = report.plot_convergence(path, tmp_path / "empty.png", metric="mAP")
   assert (tmp_path / "empty.png").stat().st_size > 0
   assert out.endswith("empty.png")
+
+
+def test_terminal_table_fits_100_columns():
+  from fedreid_jax.evaluation.report import format_terminal_table
+  per = {f"syn_{n}": {"rank1": 0.123, "mAP": 1.0} for n in ("msmt17", "duke", "ilids")}
+  table = format_terminal_table({"FedPav": per, "FedPav (client models)": per,
+                                 "Local training": per, "FedAvg": per}, "a title")
+  lines = table.splitlines()
+  assert max(len(l) for l in lines) <= 100
+  assert "(client models)" in table and "12.3 / 100.0" in lines[-1]
+
+
+def test_convergence_plot_of_a_run_without_global_model(tmp_path):
+  """The local baseline logs only `eval_client/...`: the rank-1 panel uses it."""
+  from fedreid_jax.evaluation import report
+  log = tmp_path / "metrics.jsonl"
+  log.write_text('{"round": 1, "kind": "eval", "eval_client/a/rank1": 0.5}\n'
+                 '{"round": 2, "kind": "eval", "eval_client/a/rank1": 0.6}\n')
+  records = report.read_metrics_jsonl(log)
+  assert report.eval_prefix(records) == "eval_client"
+  assert report.eval_clients(records, "rank1", "eval_client") == ["a"]

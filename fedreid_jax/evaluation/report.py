@@ -100,6 +100,38 @@ def format_results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]
   return "\n".join(lines) + "\n"
 
 
+def format_terminal_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
+                          title: str = "", name_width: int = 12, cell_width: int = 16) -> str:
+  """A plain-text table for the terminal: rank-1 / mAP (%) per client and
+  model, columns `cell_width` wide (4 models fit 80 columns with the defaults;
+  longer model names wrap onto two header lines). The full table is
+  `format_results_table`."""
+  models = list(results)
+  clients = _row_names(results)
+  cut = lambda text, width: (text[:width - 1] + "~") if len(text) > width else text
+
+  def row(first, cells):
+    return f"{cut(first, name_width):<{name_width}}" + "".join(
+        f" {cut(c, cell_width):>{cell_width}}" for c in cells)
+
+  def cell(values):
+    return f"{_percent(values.get('rank1'))} / {_percent(values.get('mAP'))}"
+
+  words = [m.split(" ", 1) + [""] if " " in m and len(m) > cell_width else [m, ""]
+           for m in models]
+  lines = [title] if title else []
+  lines.append(row("", [w[0] for w in words]))
+  if any(w[1] for w in words):
+    lines.append(row("", [w[1] for w in words]))
+  lines.append(row("client", ["R-1 / mAP"] * len(models)))
+  for client in clients:
+    lines.append(row(client, [cell(results[m].get(client) or {}) for m in models]))
+  means = [{k: _mean([(r or {}).get(k) for r in results[m].values()]) for k in ("rank1", "mAP")}
+           for m in models]
+  lines.append(row("mean", [cell(v) for v in means]))
+  return "\n".join(lines) + "\n"
+
+
 def read_metrics_jsonl(path: str | os.PathLike[str]) -> list[dict]:
   """Records of a JSON-lines metrics file; blank and unparsable lines skipped.
 
@@ -139,14 +171,22 @@ def _series(records: Sequence[Mapping[str, Any]], key: str,
   return [p[0] for p in points], [p[1] for p in points]
 
 
-def eval_clients(records: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
-  """Client names with an `eval/<client>/<metric>` key, in first-seen order."""
+def eval_prefix(records: Sequence[Mapping[str, Any]]) -> str:
+  """`eval` (the global model) when logged, else `eval_client` (each client's
+  own model: the local-training baseline has no global model)."""
+  keys = {k.split("/", 1)[0] for r in records for k in r}
+  return "eval" if "eval" in keys or "eval_client" not in keys else "eval_client"
+
+
+def eval_clients(records: Sequence[Mapping[str, Any]], metric: str,
+                 prefix: str = "eval") -> list[str]:
+  """Client names with a `<prefix>/<client>/<metric>` key, in first-seen order."""
   suffix = "/" + metric
   names: list[str] = []
   for r in records:
     for key in r:
-      if key.startswith("eval/") and key.endswith(suffix):
-        name = key[len("eval/"):-len(suffix)]
+      if key.startswith(prefix + "/") and key.endswith(suffix):
+        name = key[len(prefix) + 1:-len(suffix)]
         if name and name not in names:
           names.append(name)
   return names
@@ -163,15 +203,17 @@ def _train_loss_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _plot_eval(ax, records, metric: str) -> None:
-  """Panel 1: `eval/<client>/<metric>` (in percent) vs round, one line per client."""
-  clients = eval_clients(records, metric)
+  """Panel 1: `eval/<client>/<metric>` (in percent) vs round, one line per
+  client (`eval_client/...` for runs without a global model)."""
+  prefix = eval_prefix(records)
+  clients = eval_clients(records, metric, prefix)
   for client in clients:
-    rounds, values = _series(records, f"eval/{client}/{metric}", kind="eval")
+    rounds, values = _series(records, f"{prefix}/{client}/{metric}", kind="eval")
     ax.plot(rounds, [100.0 * v for v in values], marker="o", markersize=3,
             label=client)
   ax.set_xlabel("round")
   ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
-  ax.set_title(f"evaluation: {metric}")
+  ax.set_title(f"evaluation: {metric}" + (" (client models)" if prefix == "eval_client" else ""))
   if clients:
     ax.legend(fontsize="small", ncol=2)
   else:
