@@ -123,11 +123,17 @@ def lockstep_chunk(streams, num_steps: Sequence[int], chunk: int, chunk_steps: i
 class Lockstep:
   """All clients advance chunk by chunk in one compiled call (`run_clients`)."""
 
-  def __init__(self, name: str, run_clients: Callable, chunk_steps: int):
+  def __init__(self, name: str, run_clients: Callable, chunk_steps: int,
+               sharding: jax.sharding.Sharding | None = None):
     self.chunk_steps = chunk_steps
+    self.sharding = sharding  # `sharded`: the client axis over the mesh
     self._chunk = jit_counted(f"{name}/chunk", run_clients, donate_argnums=0)
 
   def __call__(self, selected, streams, num_steps, on_steps=None):
+    layout = None
+    if self.sharding is not None:  # every chunk sees the same input layout: one trace
+      layout = jax.tree.map(lambda x: x.sharding, selected)
+      selected = jax.device_put(selected, self.sharding)
     chunks = max(1, -(-max(num_steps) // self.chunk_steps))
     sums = None
     for c in range(chunks):
@@ -136,6 +142,8 @@ class Lockstep:
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       if on_steps is not None:
         on_steps(int(mask.sum()))
+    if layout is not None:  # hand back the caller's layout: the other stages trace once
+      selected = jax.device_put(selected, layout)
     return selected, _means(sums, [chunks * self.chunk_steps] * len(num_steps))
 
 
@@ -155,7 +163,7 @@ def make_execution(name: str, local_step: Callable, chunk_steps: int,
       raise ValueError("the 'sharded' strategy needs a device mesh")
     spec = jax.sharding.PartitionSpec("clients")
     return Lockstep(name, jax.shard_map(mapped, mesh=mesh, in_specs=spec, out_specs=spec),
-                    chunk_steps)
+                    chunk_steps, jax.sharding.NamedSharding(mesh, spec))
   raise ValueError(f"unknown client strategy {name!r}; choose one of {list(STRATEGIES)}")
 
 
