@@ -43,11 +43,35 @@ def use_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+class _AboveProgressBars(logging.Handler):
+  """Writes log records with `tqdm.write`, so they print above the progress
+  bars instead of onto their line."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    import tqdm
+    try:
+      tqdm.tqdm.write(self.format(record), file=sys.stderr)
+    except Exception:  # logging must never raise
+      self.handleError(record)
+
+
+def log_above_progress_bars() -> None:
+  """Replaces absl's stderr handler on the root logger with `_AboveProgressBars`
+  (same line format)."""
+  from absl import logging as absl_logging
+  root = logging.getLogger()
+  handler = _AboveProgressBars()
+  handler.setFormatter(absl_logging.PythonFormatter())
+  root.removeHandler(absl_logging.get_absl_handler())
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+
+
 def main(argv):
   del argv
   from fedreid_jax import experiment
-  logging.getLogger().setLevel(logging.INFO)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+  log_above_progress_bars()
   use_compilation_cache()
   print(run_or_exit(lambda: experiment.run(_CONFIG.value, _WORKDIR.value)))
 

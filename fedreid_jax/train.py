@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fedreid_jax import checkpoint, config_lib
 from fedreid_jax.data import registry
@@ -178,8 +177,6 @@ def run(config, workdir: str, clients_data=None, public=None) -> dict:
   rounds = config.fed.rounds
   bar = tqdm.tqdm(total=rounds, initial=start, desc=f"{config.fed.algorithm} rounds", unit="round")
   results = {}
-  redirect = logging_redirect_tqdm()  # log lines print above the bars, not onto them
-  redirect.__enter__()
   try:
     for r in range(start, rounds):
       t0 = time.time()
@@ -210,7 +207,6 @@ def run(config, workdir: str, clients_data=None, public=None) -> dict:
       results = exp.evaluate(config.eval.client_models)
   finally:
     bar.close()
-    redirect.__exit__(None, None, None)
     writer.close()
     manager.close()
   with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
