@@ -1,4 +1,4 @@
-"""One federated training run: the loop over rounds and chunks.
+"""One federated training run: `Experiment` (built once) and the loop over rounds.
 
 `run(config, workdir)` -> final evaluation results. The library takes the
 config as an argument and never reads flags.
