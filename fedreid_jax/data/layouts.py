@@ -126,10 +126,15 @@ def drop_junk(records: Sequence[Record]) -> list[Record]:
   return [r for r in records if r.pid != JUNK_PID]
 
 
+def market_folder_records(folder: Path, root: Path, first_digit: bool = False) -> list[Record]:
+  """One Market-style split folder -> records (ids and cameras from the file
+  names, sorted by name, junk kept); `name` is relative to `root`."""
+  return [_market_record(p, root, first_digit) for p in list_images(folder)]
+
+
 def list_market(root: Path, first_digit: bool = False) -> dict[str, list[Record]]:
   """`bounding_box_train/`, `query/`, `bounding_box_test/` -> records per split."""
-  out = {split: [_market_record(p, root, first_digit)
-                 for p in list_images(root / folder)]
+  out = {split: market_folder_records(root / folder, root, first_digit)
          for split, folder in MARKET_FOLDERS.items()}
   out["train_all"] = drop_junk(out["train_all"])
   return out

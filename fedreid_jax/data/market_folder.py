@@ -29,19 +29,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedreid_jax.data.base import JUNK_PID, ClientData, ReIDSplit, relabel
-from fedreid_jax.data.naming import parse_market_name
 from fedreid_jax.data.images import read_rgb
+from fedreid_jax.data.layouts import MARKET_FOLDERS, market_folder_records
 from fedreid_jax.errors import DatasetNotFound
 
-SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query",
-                 "gallery": "bounding_box_test"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-
-
-def list_images(folder: Path) -> list[str]:
-  """Sorted image file names in `folder` (non-image files ignored)."""
-  return sorted(p.name for p in folder.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+SPLIT_FOLDERS = {"train": MARKET_FOLDERS["train_all"], "query": MARKET_FOLDERS["query"],
+                 "gallery": MARKET_FOLDERS["gallery"]}
 
 
 def _check_layout(root: Path, name: str) -> None:
@@ -87,15 +80,10 @@ def load_market_split(folder: str | Path, *, train: bool, preload: bool = True,
   folder = Path(folder)
   if not folder.is_dir():
     raise DatasetNotFound(f"split folder {str(folder)!r} does not exist")
-  names = list_images(folder)
-  parsed = []
-  for n in names:
-    try:
-      parsed.append(parse_market_name(n, first_digit_camera))
-    except ValueError as e:
-      raise ValueError(f"{e} (file {str(folder / n)!r})") from None
-  pids = np.array([p.pid for p in parsed], np.int32).reshape(-1)
-  camids = np.array([p.camid for p in parsed], np.int32).reshape(-1)
+  records = market_folder_records(folder, folder, first_digit_camera)
+  names = [r.name for r in records]
+  pids = np.array([r.pid for r in records], np.int32).reshape(-1)
+  camids = np.array([r.camid for r in records], np.int32).reshape(-1)
   if train:
     keep = pids != JUNK_PID
     names = [n for n, k in zip(names, keep) if k]
@@ -106,7 +94,7 @@ def load_market_split(folder: str | Path, *, train: bool, preload: bool = True,
 
 
 def _count_junk(folder: Path) -> int:
-  return sum(1 for n in list_images(folder) if parse_market_name(n).pid == JUNK_PID)
+  return sum(1 for r in market_folder_records(folder, folder) if r.pid == JUNK_PID)
 
 
 def split_info(train: ReIDSplit, query: ReIDSplit, gallery: ReIDSplit) -> dict:

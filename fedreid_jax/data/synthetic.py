@@ -67,8 +67,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fedreid_jax.data.base import JUNK_PID, ClientData, ReIDSplit
-from fedreid_jax.data.market_folder import (SPLIT_FOLDERS, list_images, load_market_folder,
-                                                load_market_split)
+from fedreid_jax.data.layouts import list_images
+from fedreid_jax.data.market_folder import SPLIT_FOLDERS, load_market_folder, load_market_split
 from fedreid_jax.data.naming import format_market_name
 from fedreid_jax.data.synthetic_render import (Camera, DomainStyle, Identity, render_image,
                                                    sample_camera, sample_identity)
