@@ -68,6 +68,12 @@ def restore_latest(manager: ocp.CheckpointManager, like):
   return int(step), state
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `<workdir>/checkpoints` holds a saved step (a folder named by a number)."""
+  folder = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
 def load_saved_config(workdir: str) -> dict | None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):

@@ -16,14 +16,33 @@ PROTOCOLS = ("standard", "fedreid")
 
 
 def load_config_file(path: str):
-  """`get_config()` of a config file (configs/*.py), as `--config` would load it."""
+  """`get_config()` of a config file (configs/*.py), as `--config` would load it.
+
+  Raises ConfigError (one line: file, line, what) when the file is missing,
+  does not import, or has no working `get_config()`."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist; see configs/ for the shipped ones")
   spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0] + "_config", path)
   if spec is None:
     raise ConfigError(f"config file {path!r} is not a Python file")
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except ConfigError:
+    raise
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path!r} line {e.lineno}: {e.msg}; fix it and rerun") from e
+  except Exception as e:  # the user's code: name the line that failed
+    tb = e.__traceback__
+    line = None
+    while tb is not None:
+      if tb.tb_frame.f_code.co_filename == path:
+        line = tb.tb_lineno
+      tb = tb.tb_next
+    where = f" line {line}" if line else ""
+    raise ConfigError(f"config file {path!r}{where} failed: {type(e).__name__}: {e}") from e
 
 
 def _choice(value, choices, field):
@@ -50,9 +69,11 @@ def validate(config) -> None:
   _choice(config.model.backbone, tuple(resnet.ARCHITECTURES), "model.backbone")
   _choice(config.model.last_stride, (1, 2), "model.last_stride")
   for field in ("train.batch_size", "train.local_epochs", "fed.rounds", "fed.chunk_steps",
-                "eval.batch_size", "eval.every_rounds", "model.width", "model.embed_dim"):
-    section, key = field.split(".")
-    value = config[section][key]
+                "eval.batch_size", "eval.every_rounds", "model.width", "model.embed_dim",
+                "checkpoint_every", "log_every"):
+    value = config
+    for key in field.split("."):
+      value = value[key]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
       raise ConfigError(f"config.{field}={value!r} must be a positive integer")
   for field in ("train.lr_backbone", "train.lr_head"):
@@ -67,6 +88,9 @@ def validate(config) -> None:
 
 def check_workdir(workdir: str) -> None:
   """Creates `workdir` and proves it writable, or raises a one-line error."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir {workdir!r} is a file, not a folder; pass --workdir with "
+                      "a new or existing folder")
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir):

@@ -34,3 +34,7 @@ class CorruptImage(UserError, OSError):
 
 class TrainingDiverged(UserError, FloatingPointError):
   """A training loss became NaN or infinite."""
+
+
+class WorkdirBusy(UserError):
+  """Another run holds the workdir."""

@@ -7,6 +7,7 @@ import os
 
 from fedreid_jax import config_lib, train
 from fedreid_jax.data import registry
+from fedreid_jax.workdir import workdir_lock
 
 MODEL_LABELS = {"fedpav": "FedPav", "local": "Local training", "fedavg": "FedAvg"}
 
@@ -37,10 +38,16 @@ def _report(columns: dict, config, run_dir: str) -> str:
 
 def run(config, workdir: str) -> str:
   """Runs everything; returns a terminal-width table of rank-1 / mAP. The full
-  tables are in `<workdir>/results.md` (all runs) and each baseline's folder."""
-  from fedreid_jax.evaluation import report
+  tables are in `<workdir>/results.md` (all runs) and each baseline's folder.
+  Holds the workdir's lock throughout (`workdir.workdir_lock`)."""
   config_lib.validate(config)
   config_lib.check_workdir(workdir)
+  with workdir_lock(workdir):
+    return _run_locked(config, workdir)
+
+
+def _run_locked(config, workdir: str) -> str:
+  from fedreid_jax.evaluation import report
   clients_data, public = registry.load(config.data, config.seed)
   own = _columns(config.fed.algorithm, train.run(config, workdir, clients_data, public))
   plots = [_report(own, config, workdir)]

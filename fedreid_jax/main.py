@@ -77,16 +77,18 @@ def main(argv):
 
 
 def unknown_override(argv: list[str]) -> str | None:
-  """A one-line error for the first `--config.<path>` naming no config field."""
+  """A one-line error for a config file that does not load, or for the first
+  `--config.<path>` naming no config field; None when all is well."""
   from fedreid_jax.config_lib import load_config_file
   paths = [a for a in argv if a.startswith("--config=")] + [
       argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
   if not paths:
     return None
+  from fedreid_jax.errors import ConfigError
   try:
     config = load_config_file(paths[-1].split("=", 1)[-1].split(":")[0])
-  except Exception:  # a broken config file is reported by the flag parser itself
-    return None
+  except ConfigError as e:  # missing or broken config file: one line, before absl's parser
+    return f"error: {e}"
   for arg in argv:
     if not arg.startswith("--config."):
       continue

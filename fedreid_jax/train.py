@@ -28,6 +28,7 @@ from fedreid_jax.federated import state as state_lib
 from fedreid_jax.input.train_input import TrainInput
 from fedreid_jax.metric_writer import MetricWriter
 from fedreid_jax.models.reid import build_model
+from fedreid_jax.workdir import workdir_lock
 
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
@@ -155,20 +156,28 @@ def steps_per_round(exp: Experiment, round_index: int) -> int:
 
 
 def run(config, workdir: str, clients_data=None, public=None) -> dict:
-  """Trains `config.fed.rounds` rounds (resuming from the workdir's checkpoint)."""
+  """Trains `config.fed.rounds` rounds (resuming from the workdir's checkpoint).
+
+  Holds the workdir's lock for the whole run. `config.json` is written only
+  once the data is loaded and the experiment built, so a run rejected for bad
+  input leaves no trace that would block the corrected command."""
   config_lib.validate(config)
   config_lib.check_workdir(workdir)
+  with workdir_lock(workdir):
+    return _run_locked(config, workdir, clients_data, public)
+
+
+def _run_locked(config, workdir: str, clients_data, public) -> dict:
   saved = checkpoint.load_saved_config(workdir)
-  config_dict = json.loads(config.to_json())
-  if saved is not None:
-    checkpoint.check_compatible(saved, config_dict, workdir)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json(indent=2))
+  if saved is not None and checkpoint.has_checkpoint(workdir):
+    checkpoint.check_compatible(saved, json.loads(config.to_json()), workdir)
   if clients_data is None:
     clients_data, public = registry.load(config.data, config.seed)
   logging.info("clients: %s", ", ".join(f"{c.name} ({len(c.train)} imgs, {c.num_train_ids} ids)"
                                          for c in clients_data))
   exp = Experiment(config, clients_data, public)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json(indent=2))
   manager = checkpoint.make_manager(workdir)
   start, (exp.server, exp.clients) = checkpoint.restore_latest(manager, (exp.server, exp.clients))
   if start:

@@ -107,3 +107,62 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch):
   with pytest.raises(ValueError, match="internal shape bug"):
     main.run_or_exit(bug)
   assert main.run_or_exit(lambda: 3) == 3
+
+
+def test_zero_intervals_and_broken_config_files_are_one_line(tmp_path):
+  cfg = fakes.tiny_config()
+  for field in ("checkpoint_every", "log_every"):
+    bad = fakes.tiny_config()
+    bad[field] = 0
+    with pytest.raises(config_lib.ConfigError, match=f"config.{field}=0 must be a positive"):
+      config_lib.validate(bad)
+  broken = tmp_path / "broken.py"
+  broken.write_text("import ml_collections\n\ndef get_config(:\n  pass\n")
+  with pytest.raises(config_lib.ConfigError, match="broken.py' line 3"):
+    config_lib.load_config_file(str(broken))
+  failing = tmp_path / "failing.py"
+  failing.write_text("def get_config():\n  return undefined_name\n")
+  with pytest.raises(config_lib.ConfigError, match="line 2 failed: NameError"):
+    config_lib.load_config_file(str(failing))
+  from fedreid_jax import main
+  assert main.unknown_override(["--config", str(broken)]).startswith("error: config file")
+  assert "does not exist" in main.unknown_override(["--config=nowhere.py"])
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  with pytest.raises(config_lib.ConfigError, match="is a file, not a folder"):
+    config_lib.check_workdir(str(a_file))
+  del cfg
+
+
+def test_workdir_lock_refuses_a_second_run_and_is_reentrant(tmp_path):
+  import multiprocessing
+  from fedreid_jax import errors
+  from fedreid_jax.workdir import workdir_lock
+  with workdir_lock(str(tmp_path)):
+    with workdir_lock(str(tmp_path)):  # the same process may re-enter
+      pass
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+      message = pool.apply(_try_lock, (str(tmp_path),))
+    assert message.startswith(f"workdir {str(tmp_path)!r} is in use by process {os.getpid()}")
+  with ctx.Pool(1) as pool:  # released: taken by the next run
+    assert pool.apply(_try_lock, (str(tmp_path),)) == "locked"
+  assert issubclass(errors.WorkdirBusy, errors.UserError)
+
+
+def _try_lock(path):
+  from fedreid_jax import errors
+  from fedreid_jax.workdir import workdir_lock
+  try:
+    with workdir_lock(path):
+      return "locked"
+  except errors.WorkdirBusy as e:
+    return str(e)
+
+
+def test_rejected_first_launch_does_not_lock_the_workdir(tmp_path):
+  cfg = fakes.tiny_config(**{"train.batch_size": 40})  # larger than the fake clients
+  workdir = str(tmp_path / "run")
+  with pytest.raises(config_lib.ConfigError, match="fewer training images"):
+    train.run(cfg, workdir, fakes.fake_clients())
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
