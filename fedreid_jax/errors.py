@@ -38,3 +38,7 @@ class TrainingDiverged(UserError, FloatingPointError):
 
 class WorkdirBusy(UserError):
   """Another run holds the workdir."""
+
+
+class Interrupted(UserError):
+  """The run was stopped by SIGTERM / SIGINT; the message says what was saved."""

@@ -30,6 +30,8 @@ def run_or_exit(fn):
     if os.environ.get("FEDREID_TRACEBACK"):
       raise
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first)
+    sys.exit("error: interrupted; rerun the same command to resume from the latest checkpoint")
 
 
 def use_compilation_cache() -> None:

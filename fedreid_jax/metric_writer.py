@@ -9,13 +9,39 @@ import os
 from tensorboardX import SummaryWriter
 
 
-class MetricWriter:
-  """Writes `{"round": r, "kind": k, **scalars}` to metrics.jsonl and TensorBoard."""
+def trim_jsonl(path: str, last_round: int) -> int:
+  """Drops records of rounds after `last_round` (written after the checkpoint
+  a run resumes from); returns how many were dropped. Atomic rewrite."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  keep = [line for line in lines if json.loads(line).get("round", 0) <= last_round]
+  if len(keep) < len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+  return len(lines) - len(keep)
 
-  def __init__(self, workdir: str):
+
+class MetricWriter:
+  """Writes `{"round": r, "kind": k, **scalars}` to metrics.jsonl and TensorBoard.
+
+  `resume_round`: the round a run resumes after; records of later rounds
+  (from the interrupted run) are dropped from metrics.jsonl, and TensorBoard
+  purges its events from `resume_round + 1` on, so a resumed run's logs equal
+  an uninterrupted run's."""
+
+  def __init__(self, workdir: str, resume_round: int = 0):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    dropped = trim_jsonl(self.path, resume_round)
+    if dropped:
+      logging.info("dropped %d log records of rounds after %d (not in the checkpoint)",
+                   dropped, resume_round)
     self._jsonl = open(self.path, "a", encoding="utf-8")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=resume_round + 1 if resume_round else None)
 
   def write(self, round_index: int, kind: str, scalars: dict[str, float]) -> None:
     scalars = {k: float(v) for k, v in scalars.items()}

@@ -17,7 +17,7 @@ import tqdm
 
 from fedreid_jax import checkpoint, config_lib
 from fedreid_jax.data import registry
-from fedreid_jax.errors import ConfigError, TrainingDiverged
+from fedreid_jax.errors import ConfigError, Interrupted, TrainingDiverged
 from fedreid_jax.evaluation import features as features_lib
 from fedreid_jax.federated import execution
 from fedreid_jax.federated import local as local_lib
@@ -28,6 +28,7 @@ from fedreid_jax.federated import state as state_lib
 from fedreid_jax.input.train_input import TrainInput
 from fedreid_jax.metric_writer import MetricWriter
 from fedreid_jax.models.reid import build_model
+from fedreid_jax.stop_signals import StopOnSignal
 from fedreid_jax.workdir import workdir_lock
 
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
@@ -182,38 +183,17 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
   start, (exp.server, exp.clients) = checkpoint.restore_latest(manager, (exp.server, exp.clients))
   if start:
     logging.info("resumed from %s after round %d", workdir, start)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_round=start)
   rounds = config.fed.rounds
   bar = tqdm.tqdm(total=rounds, initial=start, desc=f"{config.fed.algorithm} rounds", unit="round")
   results = {}
+  stop = StopOnSignal()
+  stop.last_saved = start
   try:
-    for r in range(start, rounds):
-      t0 = time.time()
-      with tqdm.tqdm(total=steps_per_round(exp, r), desc=f"round {r + 1} local steps",
-                     unit="step", leave=False) as steps_bar:
-        record = exp.train_round(r, steps_bar.update)
-      record["train/round_seconds"] = time.time() - t0
-      writer.write(r + 1, "train", record)
-      if not np.isfinite(record["train/loss"]):
-        raise TrainingDiverged(f"round {r + 1}: training loss is {record['train/loss']}; "
-                               "lower the learning rates")
-      bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.2f}")
-      bar.update(1)
-      if (r + 1) % config.log_every == 0:
-        logging.info("round %d/%d loss %.4f acc %.3f waste %.2f (%.1fs)", r + 1, rounds,
-                     record["train/loss"], record["train/accuracy"],
-                     record["train/padding_waste"], record["train/round_seconds"])
-      last = r + 1 == rounds
-      if (r + 1) % config.eval.every_rounds == 0 or last:
-        results = exp.evaluate(config.eval.client_models and last)
-        writer.write(r + 1, "eval", flatten_eval(results))
-        for kind, per_client in results.items():
-          mean_r1 = np.mean([v["rank1"] for v in per_client.values()])
-          logging.info("round %d eval (%s models): mean rank-1 %.1f%%", r + 1, kind, 100 * mean_r1)
-      if (r + 1) % config.checkpoint_every == 0 or last:
-        checkpoint.save(manager, r + 1, (exp.server, exp.clients))
+    with stop:
+      _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, results)
     if not results:  # resumed a finished run: evaluate the restored state
-      results = exp.evaluate(config.eval.client_models)
+      results.update(exp.evaluate(config.eval.client_models))
   finally:
     bar.close()
     writer.close()
@@ -221,3 +201,41 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
   with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   return results
+
+
+def _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, results) -> None:
+  """Rounds `start..config.fed.rounds-1`: train, log, evaluate, checkpoint;
+  `results` receives the latest evaluation. A stop signal ends the loop after
+  the round in flight, with a checkpoint of it (`errors.Interrupted`)."""
+  rounds = config.fed.rounds
+  for r in range(start, rounds):
+    t0 = time.time()
+    with tqdm.tqdm(total=steps_per_round(exp, r), desc=f"round {r + 1} local steps",
+                   unit="step", leave=False) as steps_bar:
+      record = exp.train_round(r, steps_bar.update)
+    record["train/round_seconds"] = time.time() - t0
+    writer.write(r + 1, "train", record)
+    if not np.isfinite(record["train/loss"]):
+      raise TrainingDiverged(f"round {r + 1}: training loss is {record['train/loss']}; "
+                             "lower the learning rates")
+    bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.2f}")
+    bar.update(1)
+    if (r + 1) % config.log_every == 0:
+      logging.info("round %d/%d loss %.4f acc %.3f waste %.2f (%.1fs)", r + 1, rounds,
+                   record["train/loss"], record["train/accuracy"],
+                   record["train/padding_waste"], record["train/round_seconds"])
+    last = r + 1 == rounds
+    if (r + 1) % config.eval.every_rounds == 0 or last:
+      results.clear()
+      results.update(exp.evaluate(config.eval.client_models and last))
+      writer.write(r + 1, "eval", flatten_eval(results))
+      for kind, per_client in results.items():
+        mean_r1 = np.mean([v["rank1"] for v in per_client.values()])
+        logging.info("round %d eval (%s models): mean rank-1 %.1f%%", r + 1, kind, 100 * mean_r1)
+    if (r + 1) % config.checkpoint_every == 0 or last or stop.requested:
+      checkpoint.save(manager, r + 1, (exp.server, exp.clients))
+      stop.last_saved = r + 1
+    if stop.requested and not last:
+      raise Interrupted(f"stopped by {stop.requested} after round {r + 1} of {rounds}; saved "
+                        f"a checkpoint of round {r + 1} in {workdir!r}; rerun the same "
+                        "command to resume")

@@ -166,3 +166,15 @@ def test_rejected_first_launch_does_not_lock_the_workdir(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="fewer training images"):
     train.run(cfg, workdir, fakes.fake_clients())
   assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_resume_trims_log_records_after_the_checkpoint(tmp_path):
+  from fedreid_jax.metric_writer import MetricWriter
+  log = tmp_path / "metrics.jsonl"
+  log.write_text("".join(json.dumps({"round": r, "kind": "train", "train/loss": r}) + "\n"
+                         for r in (1, 2, 3, 4)))
+  writer = MetricWriter(str(tmp_path), resume_round=2)  # checkpoint of round 2
+  writer.write(3, "train", {"train/loss": 30.0})
+  writer.close()
+  records = [json.loads(line) for line in log.read_text().splitlines()]
+  assert [(r["round"], r["train/loss"]) for r in records] == [(1, 1), (2, 2), (3, 30.0)]

@@ -95,3 +95,45 @@ def test_sharded_strategy_matches_sequential_on_four_devices():
   out = subprocess.run([sys.executable, "-c", SHARDED], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
+
+
+INTERRUPTIBLE = """
+import sys
+sys.path.insert(0, "tests")
+import fakes
+from fedreid_jax import main, train
+cfg = fakes.tiny_config(**{"fed.rounds": int(sys.argv[2]), "eval.every_rounds": 100})
+cfg.checkpoint_every = 100
+cfg.log_every = 1
+main.log_above_progress_bars()
+main.run_or_exit(lambda: train.run(cfg, sys.argv[1], fakes.fake_clients()))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_round_saves_and_resumes(tmp_path):
+  import json
+  import signal
+  import time
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE, workdir, "200"], cwd=ROOT,
+                          env=env, stderr=subprocess.PIPE, text=True)
+  seen = ""
+  deadline = time.time() + 600
+  while "round 2/200" not in seen and time.time() < deadline:
+    seen += proc.stderr.readline()
+  proc.send_signal(signal.SIGTERM)
+  rest = proc.communicate(timeout=300)[1]
+  assert proc.returncode == 1
+  last = rest.strip().splitlines()[-1]
+  assert last.startswith("error: stopped by SIGTERM after round ") and "rerun the same" in last
+  done = int(last.split("after round ")[1].split(" ")[0])
+  assert 2 <= done < 200 and os.path.isdir(os.path.join(workdir, "checkpoints", str(done)))
+  out = subprocess.run([sys.executable, "-c", INTERRUPTIBLE, workdir, str(done + 1)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"resumed from {workdir} after round {done}" in out.stderr
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rounds = [json.loads(line)["round"] for line in f if '"train"' in line]
+  assert rounds == list(range(1, done + 2))
