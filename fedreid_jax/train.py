@@ -78,6 +78,23 @@ class Experiment:
         self.model, self.tx, shared, key, self.size, num_classes, num_examples))
     self.server, self.clients = init(jax.random.key(cfg.seed))
     self.tests = [features_lib.load_test_set(c, self.size) for c in clients_data]
+    self._finite = jax.jit(lambda server, clients: (
+        state_lib.all_finite((server.params, server.batch_stats)),
+        state_lib.finite_per_client(clients)))
+
+  def check_finite(self, round_index: int, record: dict) -> None:
+    """Raises TrainingDiverged naming the round and the client(s) whose loss,
+    parameters or BatchNorm statistics are no longer finite."""
+    server_ok, clients_ok = (np.asarray(x) for x in self._finite(self.server, self.clients))
+    names = [c.name for c in self.clients_data]
+    bad = sorted({n for n, ok in zip(names, clients_ok) if not ok} |
+                 {n for n in names if not np.isfinite(record.get(f"client/{n}/loss", 0.0))})
+    if bad or not server_ok or not np.isfinite(record["train/loss"]):
+      raise TrainingDiverged(
+          f"round {round_index + 1}: non-finite loss or parameters in client(s) "
+          f"{', '.join(bad) or '(none)'}{'' if server_ok else ' and in the global model'}; "
+          "nothing of this round was saved (the latest checkpoint is intact): lower the "
+          "learning rates or check those clients' data, then rerun")
 
   def selected(self, round_index: int) -> np.ndarray:
     """Sorted ids of the clients that train in `round_index`."""
@@ -215,9 +232,7 @@ def _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, resul
       record = exp.train_round(r, steps_bar.update)
     record["train/round_seconds"] = time.time() - t0
     writer.write(r + 1, "train", record)
-    if not np.isfinite(record["train/loss"]):
-      raise TrainingDiverged(f"round {r + 1}: training loss is {record['train/loss']}; "
-                             "lower the learning rates")
+    exp.check_finite(r, record)
     bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.2f}")
     bar.update(1)
     if (r + 1) % config.log_every == 0:

@@ -213,3 +213,14 @@ def test_init_gives_every_client_the_same_start_and_own_classifier():
                           take_client(exp.clients, 1).params["classifier"])
   np.testing.assert_array_equal(exp.clients.num_examples, [40, 18, 16])
   assert isinstance(exp.server, state_lib.ServerState) and exp.server.opt_state == ()
+
+
+def test_non_finite_training_names_the_round_and_client():
+  from fedreid_jax.errors import TrainingDiverged
+  exp = experiment()
+  record = exp.train_round(0)
+  exp.check_finite(0, record)  # healthy: no error
+  exp.clients = exp.clients._replace(params=jax.tree.map(
+      lambda x: x.at[1].set(jnp.nan) if x.ndim and x.shape[0] == 3 else x, exp.clients.params))
+  with pytest.raises(TrainingDiverged, match=r"round 1: .* client\(s\) c1;"):
+    exp.check_finite(0, record)

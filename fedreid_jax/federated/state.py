@@ -87,3 +87,16 @@ def client_round_keys(seed_key: jax.Array, round_index, client_ids: jax.Array) -
   """`fold_in(fold_in(key, round), client_id)` for each client: `[S]` keys."""
   round_key = jax.random.fold_in(seed_key, round_index)
   return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
+
+
+def finite_per_client(clients: ClientStates) -> jax.Array:
+  """`[C]` bool: every parameter and BatchNorm statistic of client c is finite."""
+  leaves = jax.tree.leaves((clients.params, clients.batch_stats))
+  per_leaf = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in leaves]
+  return jnp.all(jnp.stack(per_leaf), axis=0)
+
+
+def all_finite(tree) -> jax.Array:
+  """Scalar bool: every floating leaf of `tree` is finite."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
