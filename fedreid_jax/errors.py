@@ -42,3 +42,7 @@ class WorkdirBusy(UserError):
 
 class Interrupted(UserError):
   """The run was stopped by SIGTERM / SIGINT; the message says what was saved."""
+
+
+class CheckpointDamaged(UserError):
+  """No checkpoint in the workdir can be restored intact."""

@@ -178,3 +178,36 @@ def test_resume_trims_log_records_after_the_checkpoint(tmp_path):
   writer.close()
   records = [json.loads(line) for line in log.read_text().splitlines()]
   assert [(r["round"], r["train/loss"]) for r in records] == [(1, 1), (2, 2), (3, 30.0)]
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+  import shutil
+  cfg = fakes.tiny_config(**{"fed.rounds": 2, "eval.client_models": False})
+  cfg.checkpoint_every = 1
+  clients = fakes.fake_clients()
+  train.run(cfg, str(tmp_path / "run"), clients)
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    first = [json.loads(line) for line in f if '"train"' in line]
+  for damage in ("flip", "truncate", "delete"):
+    workdir = tmp_path / damage
+    shutil.copytree(tmp_path / "run", workdir)
+    files = sorted((p for p in (workdir / "checkpoints" / "2").rglob("*") if p.is_file()),
+                   key=lambda p: -p.stat().st_size)
+    biggest = files[0]  # an array data file
+    if damage == "flip":
+      data = bytearray(biggest.read_bytes())
+      data[len(data) // 2] ^= 0xFF
+      biggest.write_bytes(bytes(data))
+    elif damage == "truncate":
+      biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    else:
+      biggest.unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      train.run(cfg, str(workdir), clients)  # resumes from round 1, retrains round 2
+    assert "checkpoint of round 2" in caplog.text and "is damaged" in caplog.text, damage
+    with open(workdir / "metrics.jsonl") as f:
+      again = [json.loads(line) for line in f if '"train"' in line]
+    assert [r["round"] for r in again] == [1, 2]
+    # round 2 redone from the intact round-1 checkpoint: the same round again
+    assert again[1]["train/loss"] == pytest.approx(first[1]["train/loss"], rel=1e-6)
