@@ -16,6 +16,7 @@ import numpy as np
 import tqdm
 
 from fedreid_jax import checkpoint, config_lib
+from fedreid_jax import export as export_lib
 from fedreid_jax.data import registry
 from fedreid_jax.errors import ConfigError, Interrupted, TrainingDiverged
 from fedreid_jax.evaluation import features as features_lib
@@ -217,6 +218,11 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
     manager.close()
   with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
+  if exp.spec.shares:  # the global feature extractor, without training state
+    export_lib.save(os.path.join(workdir, "export"), config.model, config.data.image_size,
+                    rounds_lib.global_variables(exp.server),
+                    {"algorithm": config.fed.algorithm, "rounds": config.fed.rounds,
+                     "data": config.data.name})
   return results
 
 

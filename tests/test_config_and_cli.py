@@ -74,6 +74,7 @@ def test_resume_continues_and_other_config_is_refused(tmp_path):
   with pytest.raises(checkpoint.CheckpointMismatch, match="model"):
     train.run(other, workdir, clients)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # nothing lost
+  assert os.path.exists(os.path.join(workdir, "export", "model.json"))
 
 
 def test_scenarios_from_config():

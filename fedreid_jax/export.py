@@ -1,0 +1,121 @@
+"""The trained feature extractor without training state: save, load, use.
+
+    from fedreid_jax import export
+    model = export.load("runs/demo/export")            # written at the end of a run
+    names, feats = model.embed_folder("my_images/")     # L2-normalised [N, 512]
+    order = export.rank(feats[:1], feats)               # [1, N] gallery order, best first
+
+A saved model is a folder: `model.json` (model config, image size, what it
+was trained as) and `variables.msgpack` (backbone + embedding block params
+and BatchNorm statistics; no classifier, no optimizer state). Features are
+computed exactly as evaluation computes them: bicubic resize to the model's
+size, f(img) + f(flip(img)), L2-normalised.
+
+    python -m fedreid_jax.export --model runs/demo/export --query q/ --gallery g/ [--top 5]
+
+prints, for each query image, the `--top` gallery images by cosine similarity.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import serialization
+
+from fedreid_jax.data.images import read_rgb, resize_bicubic
+from fedreid_jax.data.layouts import list_images
+from fedreid_jax.errors import UserError
+from fedreid_jax.evaluation import features as features_lib
+
+from fedreid_jax.models.reid import build_model
+
+FORMAT = 1
+
+
+def save(folder: str, model_cfg, image_size, variables, info: dict | None = None) -> str:
+  """Writes `variables` ({"params", "batch_stats"} of backbone + embedding) to `folder`."""
+  os.makedirs(folder, exist_ok=True)
+  cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+  meta = {"format": FORMAT, "model": cfg, "image_size": list(image_size), **(info or {})}
+  host = jax.tree.map(np.asarray, variables)
+  with open(os.path.join(folder, "variables.msgpack"), "wb") as f:
+    f.write(serialization.msgpack_serialize(host))
+  with open(os.path.join(folder, "model.json"), "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=2)
+  return folder
+
+
+@dataclasses.dataclass
+class ExportedModel:
+  """A loaded feature extractor: `features(images)` and `embed_folder(folder)`."""
+  meta: dict
+  variables: dict
+  batch_size: int = 128
+
+  def __post_init__(self):
+    self.image_size = tuple(self.meta["image_size"])
+    self.model = build_model(ml_collections.ConfigDict(self.meta["model"]), num_classes=1)
+    self._embed = features_lib.make_embed_fn(self.model)
+
+  def features(self, images: np.ndarray) -> np.ndarray:
+    """uint8 `[N, H, W, 3]` at the model's size -> unit-norm features `[N, E]`."""
+    return np.asarray(features_lib.extract_features(self._embed, self.variables,
+                                                    np.asarray(images, np.uint8),
+                                                    self.batch_size))
+
+  def embed_folder(self, folder: str | Path) -> tuple[list[str], np.ndarray]:
+    """Every image file in `folder` (sorted), resized: (file names, features `[N, E]`)."""
+    paths = list_images(Path(folder))
+    if not paths:
+      raise UserError(f"no images (.jpg, .jpeg, .png, .bmp) in {str(folder)!r}")
+    images = np.stack([resize_bicubic(read_rgb(p), self.image_size) for p in paths])
+    return [p.name for p in paths], self.features(images)
+
+
+def load(folder: str | Path, batch_size: int = 128) -> ExportedModel:
+  """Reads a folder written by `save`."""
+  folder = Path(folder)
+  if not (folder / "model.json").exists():
+    raise UserError(f"{str(folder)!r} holds no exported model (no model.json); a run writes "
+                    "one to <workdir>/export at its end")
+  meta = json.loads((folder / "model.json").read_text())
+  variables = serialization.msgpack_restore((folder / "variables.msgpack").read_bytes())
+  return ExportedModel(meta, jax.tree.map(jnp.asarray, variables), batch_size)
+
+
+def rank(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+  """`[Q, E]`, `[G, E]` unit-norm features -> `[Q, G]` gallery indices, most similar first."""
+  return np.argsort(-(np.asarray(query) @ np.asarray(gallery).T), axis=1, kind="stable")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m fedreid_jax.export", description=__doc__.split("\n")[0])
+  p.add_argument("--model", required=True, help="an exported model folder (<workdir>/export)")
+  p.add_argument("--query", required=True, help="folder of query images")
+  p.add_argument("--gallery", required=True, help="folder of gallery images")
+  p.add_argument("--top", type=int, default=5)
+  args = p.parse_args(argv)
+  try:
+    model = load(args.model)
+    q_names, q = model.embed_folder(args.query)
+    g_names, g = model.embed_folder(args.gallery)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  sims = q @ g.T
+  for i, order in enumerate(rank(q, g)):
+    best = ", ".join(f"{g_names[j]} ({sims[i, j]:.3f})" for j in order[:args.top])
+    print(f"{q_names[i]}: {best}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
