@@ -1,7 +1,11 @@
 """Orbax checkpoints of the whole federated state, resumable.
 
-PRNG keys are stored as raw key data; a checkpoint from a different config is
-refused with a message that names the differing fields.
+PRNG keys are stored as raw key data. Whether a checkpoint fits is derived
+from the state itself: a saved state whose arrays differ in number, shape or
+dtype from the current config's is refused (`CheckpointMismatch`, naming the
+first differing array); fields that change a run's meaning without changing
+shapes are checked by `run_config`. Each checkpoint's files are hashed on
+save and verified before a restore; a damaged one falls back to the previous.
 """
 from __future__ import annotations
 
@@ -15,32 +19,39 @@ import orbax.checkpoint as ocp
 
 from fedreid_jax.errors import CheckpointDamaged, CheckpointMismatch
 
-# Config fields that change the shapes or meaning of the saved state.
-STATE_FIELDS = ("seed", "data.name", "data.clients", "data.image_size", "data.scenario",
-                "data.scenario_clients", "model", "fed.algorithm", "train.batch_size",
-                "train.local_epochs", "fed.clients_per_round")
+def _plain(tree):
+  """NamedTuples as dicts of their fields (how Orbax stores them), recursively."""
+  if hasattr(tree, "_fields"):
+    return {f: _plain(getattr(tree, f)) for f in tree._fields}
+  if isinstance(tree, dict):
+    return {k: _plain(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(_plain(v) for v in tree)
+  return tree
 
 
-def _field(cfg: dict, dotted: str):
-  for key in dotted.split("."):
-    cfg = cfg.get(key, {}) if isinstance(cfg, dict) else None
-  return cfg
+def _arrays(tree) -> dict[str, tuple]:
+  return {jax.tree_util.keystr(path): (tuple(x.shape), str(x.dtype))
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def check_compatible(saved_config: dict, config: dict, workdir: str) -> None:
-  diffs = [f"{f}: saved {_field(saved_config, f)!r} vs now {_field(config, f)!r}"
-           for f in STATE_FIELDS if _field(saved_config, f) != _field(config, f)]
-  if diffs:
-    raise CheckpointMismatch(
-        f"workdir {workdir!r} holds a checkpoint of another config ({'; '.join(diffs)}); "
-        "use a new --workdir, or rerun with the saved config.json")
+def shape_mismatches(manager: ocp.CheckpointManager, step: int, like) -> list[str]:
+  """How the saved state's arrays differ from `like`'s (empty when they fit):
+  missing or extra arrays and differing shapes/dtypes, by tree path."""
+  saved = _arrays(manager.item_metadata(step)["state"])
+  now = _arrays(_plain(_unkey(like)))
+  out = [f"{k}: saved {saved[k][0]} {saved[k][1]} vs now {now[k][0]} {now[k][1]}"
+         for k in now if k in saved and saved[k] != now[k]]
+  out += [f"{k}: not in the checkpoint" for k in now if k not in saved]
+  out += [f"{k}: in the checkpoint only" for k in saved if k not in now]
+  return out
 
 
 def make_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-      item_names=("state",))
+      item_names=("state",), item_handlers={"state": ocp.StandardCheckpointHandler()})
 
 
 def _is_key(x) -> bool:
@@ -113,6 +124,16 @@ def restore_latest(manager: ocp.CheckpointManager, like):
                         _unkey(like))
   for step in steps:
     problem = verify(manager, step)
+    if problem is None:
+      try:
+        mismatches = shape_mismatches(manager, step, like)
+      except Exception as e:  # unreadable metadata: a damaged checkpoint
+        problem, mismatches = f"{type(e).__name__} reading its metadata", []
+      if mismatches:
+        raise CheckpointMismatch(
+            f"{str(manager.directory)!r} holds a checkpoint (round {step}) of another model "
+            f"or client set: {len(mismatches)} array(s) differ, e.g. {mismatches[0]}; use a "
+            "new --workdir, or rerun with the saved config.json")
     if problem is None:
       try:
         restored = manager.restore(

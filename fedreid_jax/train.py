@@ -17,6 +17,7 @@ import tqdm
 
 from fedreid_jax import checkpoint, config_lib
 from fedreid_jax import export as export_lib
+from fedreid_jax import run_config
 from fedreid_jax.data import registry
 from fedreid_jax.errors import ConfigError, Interrupted, TrainingDiverged
 from fedreid_jax.evaluation import features as features_lib
@@ -188,19 +189,28 @@ def run(config, workdir: str, clients_data=None, public=None) -> dict:
 
 def _run_locked(config, workdir: str, clients_data, public) -> dict:
   saved = checkpoint.load_saved_config(workdir)
-  if saved is not None and checkpoint.has_checkpoint(workdir):
-    checkpoint.check_compatible(saved, json.loads(config.to_json()), workdir)
+  now = json.loads(config.to_json())
+  if not checkpoint.has_checkpoint(workdir):
+    saved = None  # a launch that never got to a checkpoint binds nothing
+  if saved is not None:
+    run_config.check_meaning(saved, now, workdir)
   if clients_data is None:
     clients_data, public = registry.load(config.data, config.seed)
   logging.info("clients: %s", ", ".join(f"{c.name} ({len(c.train)} imgs, {c.num_train_ids} ids)"
                                          for c in clients_data))
   exp = Experiment(config, clients_data, public)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json(indent=2))
   manager = checkpoint.make_manager(workdir)
-  start, (exp.server, exp.clients) = checkpoint.restore_latest(manager, (exp.server, exp.clients))
+  try:
+    start, (exp.server, exp.clients) = checkpoint.restore_latest(
+        manager, (exp.server, exp.clients))
+  except Exception:
+    manager.close()
+    raise
   if start:
     logging.info("resumed from %s after round %d", workdir, start)
+  run_config.record_changes(workdir, saved, now, start)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json(indent=2))
   writer = MetricWriter(workdir, resume_round=start)
   rounds = config.fed.rounds
   bar = tqdm.tqdm(total=rounds, initial=start, desc=f"{config.fed.algorithm} rounds", unit="round")

@@ -70,9 +70,17 @@ def test_resume_continues_and_other_config_is_refused(tmp_path):
     rounds = [json.loads(line)["round"] for line in f if '"train"' in line]
   assert rounds == [1, 2]
   other = fakes.tiny_config()
-  other.model.width = 8
-  with pytest.raises(checkpoint.CheckpointMismatch, match="model"):
+  other.model.width = 8  # other shapes: caught from the checkpoint itself
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r"another model .* e\.g\. .*backbone"):
     train.run(other, workdir, clients)
+  seeded = fakes.tiny_config(**{"fed.rounds": 2})
+  seeded.seed = 5  # same shapes, another run: caught from config.json
+  with pytest.raises(checkpoint.CheckpointMismatch, match="seed: saved 0 vs now 5"):
+    train.run(seeded, workdir, clients)
+  with open(os.path.join(workdir, "run_history.jsonl")) as f:
+    history = [json.loads(line) for line in f]
+  assert history[0]["started"] and history[1]["after_round"] == 1
+  assert history[1]["changes"] == {"fed.rounds": [1, 2]}
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # nothing lost
   assert os.path.exists(os.path.join(workdir, "export", "model.json"))
 

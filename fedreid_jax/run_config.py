@@ -1,0 +1,67 @@
+"""The config a workdir's run was started with, and how later launches changed it.
+
+- Fields that change what a run means without changing the state's shapes
+  (seed, data, algorithm, batch size) must not change on resume: a launch
+  that changes them is refused (`check_meaning`). Shape changes (model, client
+  count) are caught from the checkpoint itself (`checkpoint.shape_mismatches`).
+- Any other field may change on resume (rounds, logging, evaluation,
+  learning rates, strategy, ...); each change is appended to
+  `<workdir>/run_history.jsonl` with the round it took effect after
+  (`record_changes`), so the workdir says which config held for which rounds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from fedreid_jax.errors import CheckpointMismatch
+
+MEANING_FIELDS = ("seed", "data.name", "data.clients", "data.scenario", "data.scenario_clients",
+                  "data.image_size", "fed.algorithm", "train.batch_size")
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+  """Nested config dict -> `{"fed.rounds": 15, ...}` (lists as lists)."""
+  out = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def changes(saved: dict, now: dict) -> dict[str, list]:
+  """`{field: [saved, now]}` for every field that differs."""
+  a, b = flatten(saved), flatten(now)
+  return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_meaning(saved: dict, now: dict, workdir: str) -> None:
+  """Refuses a resume that changes a field in MEANING_FIELDS."""
+  diffs = [f"{k}: saved {v[0]!r} vs now {v[1]!r}" for k, v in changes(saved, now).items()
+           if k in MEANING_FIELDS]
+  if diffs:
+    raise CheckpointMismatch(
+        f"workdir {workdir!r} holds a checkpoint of another config ({'; '.join(diffs)}); "
+        "use a new --workdir, or rerun with the saved config.json")
+
+
+def record_changes(workdir: str, saved: dict | None, now: dict, after_round: int) -> dict:
+  """Appends the fields changed since `saved` to run_history.jsonl (with the
+  round they apply after) and logs them; returns the changes."""
+  diff = changes(saved, now) if saved is not None else {}
+  if saved is None or diff:
+    entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_round": after_round,
+             "changes": diff} if saved is not None else {
+                 "time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_round": after_round,
+                 "started": True}
+    with open(os.path.join(workdir, "run_history.jsonl"), "a", encoding="utf-8") as f:
+      f.write(json.dumps(entry) + "\n")
+  for key, (old, new) in diff.items():
+    logging.info("config changed on resume after round %d: %s %r -> %r", after_round, key,
+                 old, new)
+  return diff
