@@ -220,3 +220,24 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     assert [r["round"] for r in again] == [1, 2]
     # round 2 redone from the intact round-1 checkpoint: the same round again
     assert again[1]["train/loss"] == pytest.approx(first[1]["train/loss"], rel=1e-6)
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if k != "train/round_seconds"}
+            for line in f]
+
+
+def test_interrupted_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path):
+  cfg = fakes.tiny_config(**{"fed.rounds": 3, "eval.every_rounds": 2, "eval.client_models": False})
+  cfg.checkpoint_every = 1
+  clients = fakes.fake_clients()
+  train.run(cfg, str(tmp_path / "straight"), clients)
+  short = fakes.tiny_config(**{"fed.rounds": 2, "eval.every_rounds": 2,
+                               "eval.client_models": False})
+  short.checkpoint_every = 1
+  train.run(short, str(tmp_path / "resumed"), clients)
+  with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # a record past the checkpoint
+    f.write(json.dumps({"round": 3, "kind": "train", "train/loss": 99.0}) + "\n")
+  train.run(cfg, str(tmp_path / "resumed"), clients)
+  assert _records(tmp_path / "resumed") == _records(tmp_path / "straight")

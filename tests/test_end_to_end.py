@@ -137,3 +137,66 @@ def test_sigterm_finishes_the_round_saves_and_resumes(tmp_path):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rounds = [json.loads(line)["round"] for line in f if '"train"' in line]
   assert rounds == list(range(1, done + 2))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_from_the_last_checkpoint(tmp_path):
+  import json
+  import signal
+  import time
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  script = INTERRUPTIBLE.replace("cfg.checkpoint_every = 100", "cfg.checkpoint_every = 2")
+  proc = subprocess.Popen([sys.executable, "-c", script, workdir, "200"], cwd=ROOT, env=env,
+                          stderr=subprocess.PIPE, text=True)
+  seen = ""
+  deadline = time.time() + 600
+  while "round 3/200" not in seen and time.time() < deadline:
+    seen += proc.stderr.readline()
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  assert saved and saved[-1] >= 2 and saved[-1] % 2 == 0
+  out = subprocess.run([sys.executable, "-c", script, workdir, str(saved[-1] + 2)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"after round {saved[-1]}" in out.stderr
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rounds = [json.loads(line)["round"] for line in f if '"train"' in line]
+  assert rounds == list(range(1, saved[-1] + 3))  # killed rounds dropped, none repeated
+
+
+ON_FOUR_DEVICES = """
+import sys, jax
+sys.path.insert(0, "tests")
+import fakes
+from fedreid_jax import train
+assert jax.device_count() == 4
+cfg = fakes.tiny_config(**{"fed.strategy": "sharded", "fed.chunk_steps": 2,
+                           "fed.rounds": int(sys.argv[2]), "eval.client_models": False})
+train.run(cfg, sys.argv[1], fakes.fake_clients(((4, 10), (3, 6), (2, 8), (2, 12))))
+"""
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_device_counts(tmp_path):
+  """Saved with the client axis sharded over 4 devices, resumed on 1, and back."""
+  import json
+  from fedreid_jax import train
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  for rounds in ("1", None, "3"):
+    if rounds is None:  # this process: one device, serial strategy
+      cfg = fakes.tiny_config(**{"fed.rounds": 2, "eval.client_models": False})
+      train.run(cfg, workdir, fakes.fake_clients(((4, 10), (3, 6), (2, 8), (2, 12))))
+      continue
+    out = subprocess.run([sys.executable, "-c", ON_FOUR_DEVICES, workdir, rounds], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rounds_logged = [json.loads(line)["round"] for line in f if '"train"' in line]
+  assert rounds_logged == [1, 2, 3]
+  with open(os.path.join(workdir, "run_history.jsonl")) as f:
+    history = [json.loads(line) for line in f]
+  assert history[1]["changes"]["fed.strategy"] == ["sharded", "serial"]
+  assert history[2]["changes"]["fed.strategy"] == ["serial", "sharded"]
