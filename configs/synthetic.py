@@ -62,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.client_models = True  # also test each client's own trained model ("FedPav local")
 
   c.baselines = ("local",)  # run after the main algorithm, same data and seed
+  c.eval.best_metric = "rank1"  # mean over clients; the best global model -> <workdir>/export_best
+
   c.checkpoint_every = 5
+  c.checkpoint_keep = 2  # the latest checkpoints kept (a damaged latest falls back to the previous)
   c.log_every = 1
   return c

@@ -66,11 +66,12 @@ def validate(config) -> None:
   _choice(config.fed.weighting, tuple(rounds.WEIGHTINGS), "fed.weighting")
   _choice(config.fed.bn_aggregation, rounds.BN_AGGREGATIONS, "fed.bn_aggregation")
   _choice(config.eval.protocol, PROTOCOLS, "eval.protocol")
+  _choice(config.eval.best_metric, ("rank1", "rank5", "rank10", "mAP", "mINP"), "eval.best_metric")
   _choice(config.model.backbone, tuple(resnet.ARCHITECTURES), "model.backbone")
   _choice(config.model.last_stride, (1, 2), "model.last_stride")
   for field in ("train.batch_size", "train.local_epochs", "fed.rounds", "fed.chunk_steps",
                 "eval.batch_size", "eval.every_rounds", "model.width", "model.embed_dim",
-                "checkpoint_every", "log_every"):
+                "checkpoint_every", "checkpoint_keep", "log_every"):
     value = config
     for key in field.split("."):
       value = value[key]

@@ -46,3 +46,7 @@ class Interrupted(UserError):
 
 class CheckpointDamaged(UserError):
   """No checkpoint in the workdir can be restored intact."""
+
+
+class DiskFull(UserError, OSError):
+  """No space left while writing the workdir."""

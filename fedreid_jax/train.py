@@ -5,6 +5,8 @@ config as an argument and never reads flags.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ from fedreid_jax import checkpoint, config_lib
 from fedreid_jax import export as export_lib
 from fedreid_jax import run_config
 from fedreid_jax.data import registry
-from fedreid_jax.errors import ConfigError, Interrupted, TrainingDiverged
+from fedreid_jax.errors import ConfigError, DiskFull, Interrupted, TrainingDiverged
 from fedreid_jax.evaluation import features as features_lib
 from fedreid_jax.federated import execution
 from fedreid_jax.federated import local as local_lib
@@ -171,6 +173,45 @@ def flatten_eval(results: dict) -> dict[str, float]:
           for kind, per_client in results.items() for name, v in per_client.items() for m in METRICS}
 
 
+def export_if_best(exp: Experiment, config, workdir: str, round_done: int, results: dict) -> None:
+  """Exports the global model to <workdir>/export_best when its mean
+  `config.eval.best_metric` over clients beats every earlier evaluation
+  (`export_best/model.json` records the score and round)."""
+  if "global" not in results:
+    return
+  metric = config.eval.best_metric
+  score = float(np.mean([v[metric] for v in results["global"].values()]))
+  folder = os.path.join(workdir, "export_best")
+  meta_path = os.path.join(folder, "model.json")
+  if os.path.exists(meta_path):
+    with open(meta_path, encoding="utf-8") as f:
+      if json.load(f).get("score", -1.0) >= score:
+        return
+  export_lib.save(folder, config.model, config.data.image_size,
+                  rounds_lib.global_variables(exp.server),
+                  {"algorithm": config.fed.algorithm, "round": round_done, "metric": metric,
+                   "score": score, "data": config.data.name})
+  logging.info("round %d: best mean %s so far (%.1f%%), exported to %s", round_done, metric,
+               100 * score, folder)
+
+
+@contextlib.contextmanager
+def disk_full_guard(workdir: str, stop):
+  """Turns 'no space left on device' anywhere in the loop into one line that
+  says what to do and where the run will resume."""
+  try:
+    yield
+  except OSError as e:
+    err = e
+    while err is not None and getattr(err, "errno", None) != errno.ENOSPC:
+      err = err.__cause__ or err.__context__
+    if err is None:
+      raise
+    where = getattr(err, "filename", None) or workdir
+    raise DiskFull(f"no space left on device while writing {where}; free space and rerun the "
+                   f"same command: it resumes from round {stop.last_saved}") from e
+
+
 def steps_per_round(exp: Experiment, round_index: int) -> int:
   return sum(exp.inputs.num_steps(int(c)) for c in exp.selected(round_index))
 
@@ -199,7 +240,7 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
   logging.info("clients: %s", ", ".join(f"{c.name} ({len(c.train)} imgs, {c.num_train_ids} ids)"
                                          for c in clients_data))
   exp = Experiment(config, clients_data, public)
-  manager = checkpoint.make_manager(workdir)
+  manager = checkpoint.make_manager(workdir, config.checkpoint_keep)
   try:
     start, (exp.server, exp.clients) = checkpoint.restore_latest(
         manager, (exp.server, exp.clients))
@@ -218,7 +259,7 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
   stop = StopOnSignal()
   stop.last_saved = start
   try:
-    with stop:
+    with stop, disk_full_guard(workdir, stop):
       _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, results)
     if not results:  # resumed a finished run: evaluate the restored state
       results.update(exp.evaluate(config.eval.client_models))
@@ -263,6 +304,7 @@ def _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, resul
       for kind, per_client in results.items():
         mean_r1 = np.mean([v["rank1"] for v in per_client.values()])
         logging.info("round %d eval (%s models): mean rank-1 %.1f%%", r + 1, kind, 100 * mean_r1)
+      export_if_best(exp, config, workdir, r + 1, results)
     if (r + 1) % config.checkpoint_every == 0 or last or stop.requested:
       checkpoint.save(manager, r + 1, (exp.server, exp.clients))
       stop.last_saved = r + 1

@@ -241,3 +241,25 @@ def test_interrupted_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_pat
     f.write(json.dumps({"round": 3, "kind": "train", "train/loss": 99.0}) + "\n")
   train.run(cfg, str(tmp_path / "resumed"), clients)
   assert _records(tmp_path / "resumed") == _records(tmp_path / "straight")
+
+
+def test_full_disk_is_one_line_saying_where_the_run_resumes(tmp_path, monkeypatch):
+  import errno
+  from fedreid_jax import errors
+  from fedreid_jax.metric_writer import MetricWriter
+  cfg = fakes.tiny_config(**{"fed.rounds": 3, "eval.client_models": False})
+  cfg.checkpoint_every = 1
+  real_write = MetricWriter.write
+
+  def write(self, round_index, kind, scalars):
+    if round_index == 2:
+      raise OSError(errno.ENOSPC, "No space left on device", self.path)
+    real_write(self, round_index, kind, scalars)
+
+  monkeypatch.setattr(MetricWriter, "write", write)
+  with pytest.raises(errors.DiskFull) as e:
+    train.run(cfg, str(tmp_path / "run"), fakes.fake_clients())
+  assert str(e.value) == (f"no space left on device while writing {tmp_path / 'run' / 'metrics.jsonl'}; "
+                          "free space and rerun the same command: it resumes from round 1")
+  best = json.loads((tmp_path / "run" / "export_best" / "model.json").read_text())
+  assert best["round"] == 1 and best["metric"] == "rank1" and 0 <= best["score"] <= 1
