@@ -17,11 +17,16 @@ from fedreid_jax.errors import CheckpointMismatch
 STATE_FIELDS = ("seed", "data.name", "data.clients", "data.image_size", "data.scenario",
                 "data.scenario_clients", "model", "fed.algorithm", "train.batch_size",
                 "train.local_epochs", "fed.clients_per_round")
+# `model` fields that change how the state is computed, not its shapes or
+# meaning (float32 params either way): a run may resume with other values.
+RUNTIME_MODEL_FIELDS = ("conv_impl", "dtype")
 
 
 def _field(cfg: dict, dotted: str):
   for key in dotted.split("."):
     cfg = cfg.get(key, {}) if isinstance(cfg, dict) else None
+  if dotted == "model" and isinstance(cfg, dict):
+    cfg = {k: v for k, v in cfg.items() if k not in RUNTIME_MODEL_FIELDS}
   return cfg
 
 

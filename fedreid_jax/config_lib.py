@@ -10,7 +10,7 @@ from fedreid_jax.data import registry
 from fedreid_jax.errors import ConfigError
 
 from fedreid_jax.federated import execution, rounds
-from fedreid_jax.models import resnet
+from fedreid_jax.models import conv, resnet
 
 PROTOCOLS = ("standard", "fedreid")
 
@@ -49,6 +49,8 @@ def validate(config) -> None:
   _choice(config.eval.protocol, PROTOCOLS, "eval.protocol")
   _choice(config.model.backbone, tuple(resnet.ARCHITECTURES), "model.backbone")
   _choice(config.model.last_stride, (1, 2), "model.last_stride")
+  _choice(config.model.conv_impl, conv.IMPLS, "model.conv_impl")
+  _choice(config.model.dtype, tuple(resnet.DTYPES), "model.dtype")
   for field in ("train.batch_size", "train.local_epochs", "fed.rounds", "fed.chunk_steps",
                 "eval.batch_size", "eval.every_rounds", "model.width", "model.embed_dim"):
     section, key = field.split(".")
