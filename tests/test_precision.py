@@ -25,12 +25,14 @@ LOSS_RTOL = 0.02
 
 
 def client_state(model, tx, num_classes):
-  """One client's fresh state, [1]-stacked init squeezed (rbg init key: compiles fast)."""
+  """One client's fresh state, [1]-stacked init squeezed. rbg keys for init
+  and for the step's dropout and augmentation: threefry would add seconds of
+  XLA CPU compilation per run."""
   init = jax.jit(functools.partial(
       state_lib.init_states, model, tx, params_lib.prefix_predicate(("backbone", "embedding")),
       image_shape=(32, 16), num_classes=np.array([num_classes]), num_examples=np.array([40])))
   _, clients = init(jax.random.key(0, impl="rbg"))
-  return params_lib.take_client(clients, 0)
+  return params_lib.take_client(clients, 0)._replace(rng=jax.random.key(1, impl="rbg"))
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,10 @@ def runs():
   labels = jnp.asarray(data.pids[order].reshape(STEPS, 8))
   out, state = {}, None
   for dtype in ("float32", "bfloat16"):
-    cfg = fakes.tiny_config(**{"model.dtype": dtype, "train.lr_backbone": LR,
-                               "train.lr_head": LR})
+    # XLA's convolution in both runs (compiles fastest); bf16 through the
+    # im2col path is tested in test_conv.py
+    cfg = fakes.tiny_config(**{"model.dtype": dtype, "model.conv_impl": "xla",
+                               "train.lr_backbone": LR, "train.lr_head": LR})
     model = build_model(cfg.model, 4)
     tx = local_lib.make_optimizer(cfg.train)
     state = client_state(model, tx, 4) if state is None else state

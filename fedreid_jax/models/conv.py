@@ -10,9 +10,11 @@ static shapes and the backend (`choose`), and the config can force a choice:
 - `"xla"`: `lax.conv_general_dilated`, always.
 - `"patches"`: im2col + matmul (`conv_patches`), for every NHWC/HWIO layer
   without dilation or groups (others fall back to XLA).
-- `"auto"`: `patches` on CPU when the output map has at most
-  `CPU_PATCHES_MAX_PIXELS` pixels (`choose` documents the measured table),
-  `xla` everywhere else (GPU, TPU: their convolutions are the fast path).
+- `"auto"`: on CPU, `patches` for every 1x1 convolution (a strided slice and
+  a matmul) and for larger kernels whose output map has at most
+  `CPU_PATCHES_MAX_PIXELS` pixels (`choose` shows the measured table); `xla`
+  everywhere else, and always on GPU and TPU, where the vendor convolutions
+  are the fast path.
 
 The module is `nn.Conv` itself with its `conv_general_dilated` hook set
 (`conv_fn`), so parameter names, shapes, initialisation, padding rules and
@@ -29,10 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLS = ("auto", "xla", "patches")
-# `auto` on CPU: im2col + matmul when the output map has at most this many
-# pixels (H_out * W_out). Measured on a 2-core EPYC, one thread, batch 32,
-# forward + gradients (benchmarks/conv_choice.py, RESULTS.md "Convolution
-# lowering on CPU"): see `choose`.
+# `auto` on CPU: im2col + matmul for kernels larger than 1x1 when the output
+# map has at most this many pixels (H_out * W_out); see `choose`.
 CPU_PATCHES_MAX_PIXELS = 8
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -80,17 +80,28 @@ def choose(impl: str, lhs_shape: Sequence[int], rhs_shape: Sequence[int],
            strides: Sequence[int], padding, backend: str) -> str:
   """The lowering for one layer: `"xla"` or `"patches"`.
 
-  `impl` other than `"auto"` is returned as is. `"auto"` picks `patches` only
-  on CPU and only for output maps of at most `CPU_PATCHES_MAX_PIXELS` pixels.
-  Measured on CPU (batch 32, one thread, forward + backward, ms, xla /
-  patches; the full table is in benchmarks/RESULTS.md):
+  `impl` other than `"auto"` is returned as is. `"auto"` picks `patches`
+  only on CPU: for 1x1 kernels, and for larger kernels whose output map has
+  at most `CPU_PATCHES_MAX_PIXELS` pixels. Measured on a 2-core AMD EPYC, one
+  thread, batch 32, forward + input and kernel gradients, ms, xla / patches
+  (benchmarks/conv_choice.py; every distinct layer of ResNet-18/50 at 64x32
+  and 128x64 is in benchmarks/RESULTS.md):
 
-  | output map | channels | xla | patches |
+  | output map | conv | xla | patches |
   |---|---|---|---|
-  | 16x8 | 64->64 3x3 | fast (~3 fwd) | slower |
-  | 8x4 | 128->128 3x3 | ~3 fwd | similar |
-  | 4x2 | 256->256 3x3 | 115 fwd, 242 grad | 9.6 fwd, 27 grad |
-  | 2x1 | 512->512 3x3 | 89 fwd, 191 grad | 8.4 fwd, 25 grad |
+  | 32x16 | 3x3 64->64 | 40.8 | 100.8 |
+  | 16x8 | 3x3 128->128 | 37.2 | 71.4 |
+  | 8x4 | 3x3 256->256 | 36.6 | 39.6 |
+  | 4x2 | 3x3 256->256 | 255.2 | 10.2 |
+  | 4x2 | 3x3 512->512 | 3253.5 | 39.4 |
+  | 2x1 | 3x3 512->512 | 187.3 | 11.1 |
+  | 32x16 | 1x1 64->256 | 83.8 | 43.3 |
+  | 8x4 | 1x1 1024->512 | 47.9 | 35.8 |
+  | 16x8 | 1x1 64->64 | 1.9 | 2.1 |
+
+  1x1: patches faster in 34 of 36 layers (the other two within 15%); larger
+  kernels: patches 4-80x faster on every map of <= 8 pixels; on maps of >= 32
+  pixels XLA is faster or within 8%.
   """
   if impl not in IMPLS:
     raise ValueError(f"conv impl {impl!r}; choose one of {list(IMPLS)}")
@@ -102,7 +113,7 @@ def choose(impl: str, lhs_shape: Sequence[int], rhs_shape: Sequence[int],
   pads = explicit_padding(padding, lhs_shape[1:3], (kh, kw), strides)
   ho = output_size(lhs_shape[1], kh, strides[0], pads[0])
   wo = output_size(lhs_shape[2], kw, strides[1], pads[1])
-  return "patches" if ho * wo <= CPU_PATCHES_MAX_PIXELS else "xla"
+  return "patches" if kh * kw == 1 or ho * wo <= CPU_PATCHES_MAX_PIXELS else "xla"
 
 
 def _is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
