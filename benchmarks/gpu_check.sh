@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one run (device time is scarce): the default synthetic
-# experiment with the vmap strategy, then round throughput of the paper's
-# ResNet-50 at 256x128 under each strategy. Writes logs under $OUT.
+# experiment with the vmap strategy, round throughput of the paper's
+# ResNet-50 at 256x128 under each strategy, then the paper round in bf16 and
+# f32 against a plain ResNet-50 step (gpu_round.py). Writes logs under $OUT.
 # Needs the cp312 wheels of ml_collections and tensorboardX in .whl/ (README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -22,3 +23,7 @@ timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/round_throughput.py --paper \
   --strategies "${STRATEGIES:-vmap:16,serial:16}" --rounds 2 2>&1 \
   | grep -v "it/s\|s/it" | tee "$OUT/throughput_paper.txt"
 echo "bench wall=$(( $(date +%s) - start ))s" | tee -a "$OUT/gpu.txt"
+start=$(date +%s)
+timeout "${ROUND_TIMEOUT:-600}" python3 benchmarks/gpu_round.py --dtypes bfloat16,float32 2>&1 \
+  | grep -v "it/s\|s/it" | tee "$OUT/gpu_round.txt"
+echo "gpu_round wall=$(( $(date +%s) - start ))s" | tee -a "$OUT/gpu.txt"

@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.small_stem = False
   c.model.embed_dim = 512
   c.model.dropout = 0.5
+  c.model.conv_impl = "auto"  # auto | xla | patches: conv lowering (fedreid_jax/models/conv.py)
+  c.model.dtype = "float32"  # float32 | bfloat16: compute dtype (params, optimizer, BN stats f32)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32

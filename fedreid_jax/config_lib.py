@@ -10,7 +10,7 @@ from fedreid_jax.data import registry
 from fedreid_jax.errors import ConfigError
 
 from fedreid_jax.federated import execution, rounds
-from fedreid_jax.models import resnet
+from fedreid_jax.models import conv, resnet
 
 PROTOCOLS = ("standard", "fedreid")
 
@@ -69,6 +69,8 @@ def validate(config) -> None:
   _choice(config.eval.best_metric, ("rank1", "rank5", "rank10", "mAP", "mINP"), "eval.best_metric")
   _choice(config.model.backbone, tuple(resnet.ARCHITECTURES), "model.backbone")
   _choice(config.model.last_stride, (1, 2), "model.last_stride")
+  _choice(config.model.conv_impl, conv.IMPLS, "model.conv_impl")
+  _choice(config.model.dtype, tuple(resnet.DTYPES), "model.dtype")
   for field in ("train.batch_size", "train.local_epochs", "fed.rounds", "fed.chunk_steps",
                 "eval.batch_size", "eval.every_rounds", "model.width", "model.embed_dim",
                 "checkpoint_every", "checkpoint_keep", "log_every"):

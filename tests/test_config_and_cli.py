@@ -26,6 +26,8 @@ def cli(*args, timeout=600):
     ("train.batch_size", 0, "must be a positive integer"),
     ("fed.rounds", -3, "must be a positive integer"),
     ("eval.protocol", "cuhk", "choose one of ['standard', 'fedreid']"),
+    ("model.conv_impl", "winograd", "choose one of ['auto', 'xla', 'patches']"),
+    ("model.dtype", "float16", "choose one of ['float32', 'bfloat16']"),
 ])
 def test_invalid_values_are_named(field, value, expected):
   cfg = fakes.tiny_config()
@@ -83,6 +85,17 @@ def test_resume_continues_and_other_config_is_refused(tmp_path):
   assert history[1]["changes"] == {"fed.rounds": [1, 2]}
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # nothing lost
   assert os.path.exists(os.path.join(workdir, "export", "model.json"))
+
+
+def test_conv_impl_and_dtype_do_not_block_a_resume(tmp_path):
+  saved = fakes.tiny_config().to_dict()
+  now = fakes.tiny_config(**{"model.conv_impl": "xla", "model.dtype": "bfloat16"}).to_dict()
+  checkpoint.check_compatible(saved, now, str(tmp_path))  # same state shapes: accepted
+  del saved["model"]["conv_impl"], saved["model"]["dtype"]  # a checkpoint from before them
+  checkpoint.check_compatible(saved, now, str(tmp_path))
+  now["model"]["width"] = 8
+  with pytest.raises(checkpoint.CheckpointMismatch, match="model"):
+    checkpoint.check_compatible(saved, now, str(tmp_path))
 
 
 def test_scenarios_from_config():

@@ -41,7 +41,9 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, num_classes) -> jax.Array:
-  """Mean softmax CE over `[B, Cmax]` logits, classes >= num_classes masked out."""
+  """Mean softmax CE over `[B, Cmax]` logits, classes >= num_classes masked out;
+  computed in float32 whatever the model's compute dtype."""
+  logits = logits.astype(jnp.float32)
   valid = jnp.arange(logits.shape[-1]) < num_classes
   logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

@@ -3,6 +3,10 @@
 Parameter tree top-level keys: `backbone`, `embedding` (shared in FedPav) and
 `classifier` (private to each client). The classifier is padded to the largest
 client id count; logits past a client's own count are masked by the loss.
+
+With `dtype="bfloat16"` the backbone computes in bfloat16; the pooled
+features are cast to float32, so the embedding block, the classifier, the
+re-ID features and the loss are float32 (they are a sliver of the compute).
 """
 from __future__ import annotations
 
@@ -42,10 +46,13 @@ class ReIDModel(nn.Module):
   embed_dim: int = 512
   dropout: float = 0.5
   num_classes: int = 1  # the largest client's id count (padding)
+  dtype: str = "float32"  # backbone compute dtype: float32 | bfloat16
+  conv_impl: str = "auto"  # conv lowering: auto | xla | patches (models/conv.py)
 
   def setup(self):
-    self.backbone_net = resnet.make_backbone(self.backbone, self.width,
-                                             self.last_stride, self.small_stem)
+    self.backbone_net = resnet.make_backbone(
+        self.backbone, self.width, self.last_stride, self.small_stem,
+        resnet.compute_dtype(self.dtype), self.conv_impl)
     self.embedding = EmbeddingBlock(self.embed_dim, self.dropout, name="embedding")
     self.classifier = nn.Dense(self.num_classes,
                                kernel_init=nn.initializers.normal(0.001),
@@ -53,7 +60,7 @@ class ReIDModel(nn.Module):
 
   def embed(self, x, train: bool = False):
     fmap = self.backbone_net(x, train)
-    return self.embedding(jnp.mean(fmap, axis=(1, 2)), train)
+    return self.embedding(jnp.mean(fmap.astype(jnp.float32), axis=(1, 2)), train)
 
   def __call__(self, x, train: bool = True):
     feats = self.embed(x, train)
@@ -61,7 +68,9 @@ class ReIDModel(nn.Module):
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> ReIDModel:
+  """The re-ID model of `config.model` with a classifier of `num_classes` ids."""
   return ReIDModel(backbone=model_cfg.backbone, width=model_cfg.width,
                    last_stride=model_cfg.last_stride, small_stem=model_cfg.small_stem,
                    embed_dim=model_cfg.embed_dim, dropout=model_cfg.dropout,
-                   num_classes=num_classes)
+                   num_classes=num_classes, dtype=model_cfg.dtype,
+                   conv_impl=model_cfg.conv_impl)

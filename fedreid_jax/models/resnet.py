@@ -4,58 +4,76 @@ The stride of a bottleneck sits in its 3x3 conv (v1.5), as in torchvision, so
 its ImageNet weights map onto these modules one to one. `last_stride=1` keeps
 the last stage at the resolution of the one before (a common re-ID trick).
 Input `[B, H, W, 3]` float, output feature map `[B, H/32, W/32, C]` (H/16 with
-last stride 1).
+last stride 1), in the compute `dtype`.
+
+Mixed precision the flax examples/imagenet way: the ResNet creates its conv
+and norm partials once, with the compute `dtype` (float32 or bfloat16) and
+the conv lowering (`conv.IMPLS`), and passes them into the blocks.
+Parameters and BatchNorm statistics stay float32 (`param_dtype`); flax
+computes the batch statistics in at least float32.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
+
+from fedreid_jax.models import conv as conv_lib
 
 # PyTorch BatchNorm: momentum 0.1 (Flax momentum = 1 - 0.1), eps 1e-5.
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ModuleDef = Callable[..., nn.Module]
+
+
+def compute_dtype(name: str):
+  """`"float32"` | `"bfloat16"` -> the jnp dtype convs and norms compute in."""
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; choose one of {list(DTYPES)}")
+  return DTYPES[name]
 
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34). `[B, H, W, C] -> [B, H/s, W/s, filters]`."""
   filters: int
+  conv: ModuleDef
+  norm: ModuleDef
   strides: int = 1
   expansion = 1
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init)
-    norm = functools.partial(BatchNorm, use_running_average=not train)
-    y = conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(x)
-    y = nn.relu(norm(name="bn1")(y))
-    y = conv(self.filters, (3, 3), padding=1, name="conv2")(y)
-    y = norm(name="bn2")(y)
+  def __call__(self, x):
+    y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.filters, (3, 3), padding=1, name="conv2")(y)
+    y = self.norm(name="bn2")(y)
     if x.shape[-1] != self.filters or self.strides != 1:
-      x = conv(self.filters, (1, 1), self.strides, name="downsample_conv")(x)
-      x = norm(name="downsample_bn")(x)
+      x = self.conv(self.filters, (1, 1), self.strides, name="downsample_conv")(x)
+      x = self.norm(name="downsample_bn")(x)
     return nn.relu(x + y)
 
 
 class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (strided, v1.5) -> 1x1 x4 (ResNet-50/101)."""
+  """1x1 -> 3x3 (strided, v1.5) -> 1x1 x4 (ResNet-50/101). `[B, H, W, C] -> [B, H/s, W/s, 4 filters]`."""
   filters: int
+  conv: ModuleDef
+  norm: ModuleDef
   strides: int = 1
   expansion = 4
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init)
-    norm = functools.partial(BatchNorm, use_running_average=not train)
+  def __call__(self, x):
     out = self.filters * self.expansion
-    y = nn.relu(norm(name="bn1")(conv(self.filters, (1, 1), name="conv1")(x)))
-    y = conv(self.filters, (3, 3), self.strides, padding=1, name="conv2")(y)
-    y = nn.relu(norm(name="bn2")(y))
-    y = norm(name="bn3")(conv(out, (1, 1), name="conv3")(y))
+    y = nn.relu(self.norm(name="bn1")(self.conv(self.filters, (1, 1), name="conv1")(x)))
+    y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv2")(y)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.norm(name="bn3")(self.conv(out, (1, 1), name="conv3")(y))
     if x.shape[-1] != out or self.strides != 1:
-      x = conv(out, (1, 1), self.strides, name="downsample_conv")(x)
-      x = norm(name="downsample_bn")(x)
+      x = self.conv(out, (1, 1), self.strides, name="downsample_conv")(x)
+      x = self.norm(name="downsample_bn")(x)
     return nn.relu(x + y)
 
 
@@ -66,16 +84,19 @@ class ResNet(nn.Module):
   width: int = 64
   last_stride: int = 2
   small_stem: bool = False  # 3x3 stride-1 stem, no max-pool (tiny CPU inputs)
+  dtype: Any = jnp.float32  # compute dtype; params stay float32
+  conv_impl: str = "auto"  # conv.IMPLS
 
   @nn.compact
   def __call__(self, x, train: bool = True):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                             conv_general_dilated=conv_lib.conv_fn(self.conv_impl))
+    norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
     if self.small_stem:
-      x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False,
-                  kernel_init=conv_init, name="conv1")(x)
+      x = conv(self.width, (3, 3), padding=1, name="conv1")(x)
     else:
-      x = nn.Conv(self.width, (7, 7), 2, padding=3, use_bias=False,
-                  kernel_init=conv_init, name="conv1")(x)
-    x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
+      x = conv(self.width, (7, 7), 2, padding=3, name="conv1")(x)
+    x = nn.relu(norm(name="bn1")(x))
     if not self.small_stem:
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
@@ -83,8 +104,8 @@ class ResNet(nn.Module):
         stride = 1
         if i == 0 and stage > 0:
           stride = self.last_stride if stage == len(self.stage_sizes) - 1 else 2
-        x = self.block(self.width * 2**stage, stride,
-                       name=f"layer{stage + 1}_{i}")(x, train)
+        x = self.block(self.width * 2**stage, conv, norm, stride,
+                       name=f"layer{stage + 1}_{i}")(x)
     return x
 
 
@@ -97,11 +118,13 @@ ARCHITECTURES = {
 }
 
 
-def make_backbone(name: str, width: int, last_stride: int, small_stem: bool) -> ResNet:
+def make_backbone(name: str, width: int, last_stride: int, small_stem: bool,
+                  dtype: Any = jnp.float32, conv_impl: str = "auto") -> ResNet:
   if name not in ARCHITECTURES:
     raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(ARCHITECTURES)}")
   stages, block = ARCHITECTURES[name]
-  return ResNet(stages, block, width, last_stride, small_stem, name="backbone")
+  return ResNet(stages, block, width, last_stride, small_stem, dtype, conv_impl,
+                name="backbone")
 
 
 def feature_dim(name: str, width: int) -> int:
