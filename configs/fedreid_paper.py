@@ -26,6 +26,7 @@ def get_config():
   c.model.width = 64
   c.model.last_stride = 2
   c.model.small_stem = False
+  c.model.conv_impl = "auto"  # XLA's conv on GPU/TPU; im2col + matmul for tiny maps on CPU
 
   c.train.batch_size = 32
   c.train.lr_backbone = 0.005
