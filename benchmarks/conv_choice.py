@@ -1,6 +1,6 @@
 """Per-layer convolution timings: XLA's convolution vs im2col + matmul.
 
-  python benchmarks/conv_choice.py                   # ~5 min on a 2-core EPYC, one thread
+  python benchmarks/conv_choice.py                   # ~2 min on a 2-core EPYC, one thread
   python benchmarks/conv_choice.py --models resnet18:64x32 --threads 2
 
 Collects every distinct convolution of the given re-ID backbones at the
@@ -21,7 +21,8 @@ import time
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--models", default="resnet18:64x32,resnet50:64x32,resnet18:128x64,resnet50:128x64")
+  p.add_argument("--models",
+                 default="resnet18:64x32,resnet50:64x32,resnet18:128x64,resnet50:128x64")
   p.add_argument("--threads", type=int, default=1)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--batch", type=int, default=32)
@@ -47,8 +48,8 @@ def conv_layers(backbone: str, size, batch: int) -> list[tuple]:
   return seen
 
 
-def time_vjp_ms(impl: str, lhs_shape, rhs_shape, strides, padding, reps: int) -> float:
-  """Median ms of forward + input and kernel gradients of one conv."""
+def time_vjp_ms(impl: str, lhs_shape, rhs_shape, strides, padding, reps: int):
+  """(median ms of forward + input and kernel gradients of one conv, output shape)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -88,8 +89,10 @@ def main():
   import jax
   from fedreid_jax.models import conv
   print(f"jax {jax.__version__}, {args.threads} thread(s), batch {args.batch}; "
-        f"auto on CPU: patches when output map <= {conv.CPU_PATCHES_MAX_PIXELS} pixels\n")
-  print("| model | input map | kernel | stride | output map | xla ms | patches ms | faster | auto |")
+        f"auto on CPU: patches for 1x1 and when the output map has <= "
+        f"{conv.CPU_PATCHES_MAX_PIXELS} pixels\n")
+  print("| model | input map | kernel | stride | output map | xla ms | patches ms | faster "
+        "| auto |")
   print("|---|---|---|---|---|---|---|---|---|")
   done = set()
   for model in args.models.split(","):
@@ -104,8 +107,8 @@ def main():
       auto = conv.choose("auto", lhs, rhs, strides, padding, "cpu")
       faster = "patches" if patches_ms < xla_ms else "xla"
       print(f"| {model} | {lhs[1]}x{lhs[2]}x{lhs[3]} | {rhs[0]}x{rhs[1]} {rhs[2]}->{rhs[3]} "
-            f"| {strides[0]} | {out[1]}x{out[2]} | {xla_ms:.1f} | {patches_ms:.1f} | {faster} "
-            f"| {auto} |", flush=True)
+            f"| {strides[0]} | {out[1]}x{out[2]} | {xla_ms:.1f} | {patches_ms:.1f} "
+            f"| {faster} | {auto} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--dtypes", default="bfloat16,float32", help="model.dtype values to run")
   p.add_argument("--scale", type=int, default=16, help="divide the paper's client sizes by")
-  p.add_argument("--chunk", type=int, default=16, help="serial strategy chunk / plain steps per call")
+  p.add_argument("--chunk", type=int, default=16,
+                 help="serial strategy chunk / plain steps per call")
   p.add_argument("--rounds", type=int, default=2, help="timed rounds after the first")
   p.add_argument("--plain_calls", type=int, default=10, help="timed plain-step calls")
   p.add_argument("--smoke", action="store_true", help="toy sizes (CPU): checks the script runs")

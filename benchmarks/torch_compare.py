@@ -1,6 +1,6 @@
 """Our local SGD step and test-time features against PyTorch's, on the CPU.
 
-  python benchmarks/torch_compare.py              # ~20 min on a 2-core EPYC, one thread
+  python benchmarks/torch_compare.py              # ~15 min on a 2-core EPYC, one thread
   python benchmarks/torch_compare.py --cases resnet18:64x32 --impls xla,auto --reps 5
 
 Side by side in one process, on the same cores: the process is pinned to

@@ -57,7 +57,8 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (strided, v1.5) -> 1x1 x4 (ResNet-50/101). `[B, H, W, C] -> [B, H/s, W/s, 4 filters]`."""
+  """1x1 -> 3x3 (strided, v1.5) -> 1x1 x4 (ResNet-50/101).
+  `[B, H, W, C] -> [B, H/s, W/s, 4 filters]`."""
   filters: int
   conv: ModuleDef
   norm: ModuleDef
