@@ -34,8 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import round_throughput  # noqa: E402  (benchmarks/ is not a package)
 
 from fedreid_jax.federated import local as local_lib  # noqa: E402
-from fedreid_jax.federated import params as params_lib  # noqa: E402
-from fedreid_jax.federated import rounds as rounds_lib  # noqa: E402
 from fedreid_jax.federated import state as state_lib  # noqa: E402
 from fedreid_jax.models.reid import build_model  # noqa: E402
 
@@ -70,10 +68,7 @@ def plain_step_images_per_s(cfg, chunk: int, calls: int) -> float:
   size, batch = tuple(cfg.data.image_size), cfg.train.batch_size
   model = build_model(cfg.model, NUM_CLASSES)
   tx = local_lib.make_optimizer(cfg.train)
-  init = jax.jit(lambda key: state_lib.init_states(
-      model, tx, params_lib.prefix_predicate(rounds_lib.FEATURE_EXTRACTOR), key, size,
-      np.array([NUM_CLASSES]), np.array([batch])))
-  state = params_lib.take_client(init(jax.random.key(0))[1], 0)
+  state = state_lib.single_client(model, tx, jax.random.key(0), size, NUM_CLASSES, batch)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (batch, *size, 3), dtype=np.uint8))
   labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch).astype(np.int32))

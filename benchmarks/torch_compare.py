@@ -186,8 +186,6 @@ def our_case(backbone: str, size, impl: str, dtype: str, reps: int,
   from fedreid_jax import config_lib
   from fedreid_jax.evaluation import features as features_lib
   from fedreid_jax.federated import local as local_lib
-  from fedreid_jax.federated import params as params_lib
-  from fedreid_jax.federated import rounds as rounds_lib
   from fedreid_jax.federated import state as state_lib
   from fedreid_jax.models.reid import build_model
 
@@ -197,10 +195,7 @@ def our_case(backbone: str, size, impl: str, dtype: str, reps: int,
   cfg.train.pad = size[0] // 16
   model = build_model(cfg.model, NUM_CLASSES)
   tx = local_lib.make_optimizer(cfg.train)
-  init = jax.jit(lambda key: state_lib.init_states(
-      model, tx, params_lib.prefix_predicate(rounds_lib.FEATURE_EXTRACTOR), key, size,
-      np.array([NUM_CLASSES]), np.array([BATCH])))
-  state = params_lib.take_client(init(jax.random.key(0))[1], 0)
+  state = state_lib.single_client(model, tx, jax.random.key(0), size, NUM_CLASSES, BATCH)
   rng = np.random.default_rng(0)
   images = jax.device_put(rng.integers(0, 256, (BATCH, *size, 3), dtype=np.uint8))
   labels = jax.device_put(rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32))

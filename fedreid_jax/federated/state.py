@@ -83,6 +83,15 @@ def init_states(model, tx: optax.GradientTransformation, shared: params_lib.Path
   return server, clients
 
 
+def single_client(model, tx: optax.GradientTransformation, rng: jax.Array,
+                  image_shape: tuple[int, int], num_classes: int, num_examples: int = 1):
+  """One client's state, leaves without the client axis (benchmarks, tools)."""
+  shared = params_lib.prefix_predicate(("backbone", "embedding"))
+  init = jax.jit(lambda key: init_states(model, tx, shared, key, tuple(image_shape),
+                                         np.array([num_classes]), np.array([num_examples])))
+  return params_lib.take_client(init(rng)[1], 0)
+
+
 def client_round_keys(seed_key: jax.Array, round_index, client_ids: jax.Array) -> jax.Array:
   """`fold_in(fold_in(key, round), client_id)` for each client: `[S]` keys."""
   round_key = jax.random.fold_in(seed_key, round_index)

@@ -72,7 +72,8 @@ class TrainInput:
     from fedreid_jax.input import grain_loader  # grain threads only when streaming
     it = iter(grain_loader.make_loader(
         self.splits[client], image_size=self.size, batch_size=self.batch_size, plan=rows,
-        worker_count=self.loader_workers, num_threads=self.loader_threads))
+        worker_count=self.loader_workers, num_threads=self.loader_threads,
+        prefetch=max(4, self.loader_threads)))  # grain wants a buffer >= its threads
     try:
       for batch in it:
         yield {"image": batch["image"], "label": batch["label"]}
