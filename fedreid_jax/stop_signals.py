@@ -26,9 +26,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StopOnSignal:
   """Context manager recording the first stop signal; see the module docstring."""
 
-  def __init__(self):
+  def __init__(self, last_saved: int = 0):
     self.requested: str | None = None  # the signal's name once one arrived
-    self.last_saved = 0  # rounds in the latest checkpoint (the loop keeps it current)
+    self.last_saved = last_saved  # rounds in the latest checkpoint (the loop keeps it current)
     self._previous = {}
 
   def _handle(self, signum, frame):

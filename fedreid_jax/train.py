@@ -253,27 +253,26 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json(indent=2))
   writer = MetricWriter(workdir, resume_round=start)
-  rounds = config.fed.rounds
-  bar = tqdm.tqdm(total=rounds, initial=start, desc=f"{config.fed.algorithm} rounds", unit="round")
+  bar = tqdm.tqdm(total=config.fed.rounds, initial=start, desc=f"{config.fed.algorithm} rounds",
+                  unit="round")
   results = {}
-  stop = StopOnSignal()
-  stop.last_saved = start
+  stop = StopOnSignal(last_saved=start)
   try:
     with stop, disk_full_guard(workdir, stop):
       _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, results)
-    if not results:  # resumed a finished run: evaluate the restored state
-      results.update(exp.evaluate(config.eval.client_models))
+      if not results:  # resumed a finished run: evaluate the restored state
+        results.update(exp.evaluate(config.eval.client_models))
+      with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+      if exp.spec.shares:  # the global feature extractor, without training state
+        export_lib.save(os.path.join(workdir, "export"), config.model, config.data.image_size,
+                        rounds_lib.global_variables(exp.server),
+                        {"algorithm": config.fed.algorithm, "rounds": config.fed.rounds,
+                         "data": config.data.name})
   finally:
     bar.close()
     writer.close()
     manager.close()
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  if exp.spec.shares:  # the global feature extractor, without training state
-    export_lib.save(os.path.join(workdir, "export"), config.model, config.data.image_size,
-                    rounds_lib.global_variables(exp.server),
-                    {"algorithm": config.fed.algorithm, "rounds": config.fed.rounds,
-                     "data": config.data.name})
   return results
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 Path = tuple[str, ...]
+FEATURE_EXTRACTOR = ("backbone", "embedding")  # the re-ID model without a classifier
 PathPredicate = Callable[[Path], bool]
 
 

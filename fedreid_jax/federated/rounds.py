@@ -27,7 +27,7 @@ from fedreid_jax.federated.state import ClientStates, ServerState, client_round_
 from fedreid_jax.federated.tracing import jit_counted
 
 ALGORITHMS = ("fedpav", "local", "fedavg")
-FEATURE_EXTRACTOR = ("backbone", "embedding")  # the re-ID model without a classifier
+FEATURE_EXTRACTOR = params_lib.FEATURE_EXTRACTOR
 BN_AGGREGATIONS = ("mean", "first_client")
 
 # A client measurement: (client state before training, after training, images

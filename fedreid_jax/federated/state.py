@@ -86,7 +86,7 @@ def init_states(model, tx: optax.GradientTransformation, shared: params_lib.Path
 def single_client(model, tx: optax.GradientTransformation, rng: jax.Array,
                   image_shape: tuple[int, int], num_classes: int, num_examples: int = 1):
   """One client's state, leaves without the client axis (benchmarks, tools)."""
-  shared = params_lib.prefix_predicate(("backbone", "embedding"))
+  shared = params_lib.prefix_predicate(params_lib.FEATURE_EXTRACTOR)
   init = jax.jit(lambda key: init_states(model, tx, shared, key, tuple(image_shape),
                                          np.array([num_classes]), np.array([num_examples])))
   return params_lib.take_client(init(rng)[1], 0)
