@@ -49,9 +49,8 @@ def run(config, workdir: str) -> str:
 def _run_locked(config, workdir: str) -> str:
   from fedreid_jax.evaluation import report
   clients_data, public = registry.load(config.data, config.seed)
-  own = _columns(config.fed.algorithm, train.run(config, workdir, clients_data, public))
-  plots = [_report(own, config, workdir)]
-  columns = dict(own)
+  columns = _columns(config.fed.algorithm, train.run(config, workdir, clients_data, public))
+  plots = []
   for baseline in config.baselines:
     if baseline == config.fed.algorithm:
       continue
@@ -62,8 +61,7 @@ def _run_locked(config, workdir: str) -> str:
     sub = _columns(baseline, train.run(sub_cfg, sub_dir, clients_data, public))
     plots.append(_report(sub, sub_cfg, sub_dir))
     columns.update(sub)
-  if len(columns) > len(own):  # the combined table replaces the main run's own
-    _report(columns, config, workdir)
+  plots.insert(0, _report(columns, config, workdir))  # its table holds the baselines too
   logging.info("tables: %s; plots: %s", os.path.join(workdir, "results.md"), ", ".join(plots))
   return report.format_terminal_table(
       columns, f"{config.data.name}, {config.eval.protocol} protocol, after "

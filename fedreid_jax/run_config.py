@@ -55,10 +55,8 @@ def record_changes(workdir: str, saved: dict | None, now: dict, after_round: int
   round they apply after) and logs them; returns the changes."""
   diff = changes(saved, now) if saved is not None else {}
   if saved is None or diff:
-    entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_round": after_round,
-             "changes": diff} if saved is not None else {
-                 "time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_round": after_round,
-                 "started": True}
+    entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_round": after_round}
+    entry.update({"started": True} if saved is None else {"changes": diff})
     with open(os.path.join(workdir, "run_history.jsonl"), "a", encoding="utf-8") as f:
       f.write(json.dumps(entry) + "\n")
   for key, (old, new) in diff.items():
