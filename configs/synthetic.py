@@ -51,7 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.flip = True
 
   c.fed = ml_collections.ConfigDict()
-  c.fed.algorithm = "fedpav"  # fedpav | local | fedavg
+  # fedpav | fedpav_kd | fedpav_cdw | fedpav_kd_cdw | local | fedavg | centralised
+  c.fed.algorithm = "fedpav"
   c.fed.rounds = 15
   c.fed.clients_per_round = 0  # 0: all; 0<x<1: fraction; >=1: count
   c.fed.weighting = "data_size"  # data_size | uniform
@@ -60,13 +61,33 @@ def get_config() -> ml_collections.ConfigDict:
   c.fed.strategy = "serial"  # serial (CPU) | vmap (GPU) | sequential | sharded
   c.fed.chunk_steps = 1  # XLA CPU runs a scanned step ~2.5x slower: dispatch per step
 
+  # Cosine-distance weights (the _cdw algorithms; README "Knowledge distillation and CDW").
+  c.cdw = ml_collections.ConfigDict()
+  c.cdw.form = "logit"  # logit (the reference's) | delta (shared-parameter angle)
+  c.cdw.mode = "default"  # default (eval mode, frozen copy) | reference (its train-mode quirks)
+  c.cdw.batch_size = 32  # one batch of each client's own training data per round
+
+  # Knowledge distillation on the server's public set (the _kd algorithms).
+  c.kd = ml_collections.ConfigDict()
+  c.kd.every_rounds = 10  # after aggregation of rounds 10, 20, ...
+  c.kd.batch_size = 32
+  c.kd.lr = 5e-4  # server SGD, re-created at every KD call
+  c.kd.momentum = 0.9
+  c.kd.nesterov = True
+  c.kd.weight_decay = 5e-4
+  c.kd.normalize_teachers = True  # L2-normalise each teacher's embedding (the paper's flag)
+  c.kd.mode = "default"  # default (eval mode, selected clients) | reference (SPEC.md 6)
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every_rounds = 5
   c.eval.protocol = "standard"  # standard | fedreid
   c.eval.batch_size = 256
   c.eval.client_models = True  # also test each client's own trained model ("FedPav local")
+  c.eval.before_kd = True  # on KD rounds also test the global model before distillation
 
-  c.baselines = ("local",)  # run after the main algorithm, same data and seed
+  # Other algorithms run after the main one, same data and seed, each in
+  # <workdir>/baseline_<name> (the suite: README "Algorithms").
+  c.baselines = ("local",)
   c.eval.best_metric = "rank1"  # mean over clients; the best global model -> <workdir>/export_best
 
   c.checkpoint_every = 5

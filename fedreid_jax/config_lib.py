@@ -9,7 +9,7 @@ import tempfile
 from fedreid_jax.data import registry
 from fedreid_jax.errors import ConfigError
 
-from fedreid_jax.federated import execution, rounds
+from fedreid_jax.federated import cdw, execution, kd, rounds
 from fedreid_jax.models import conv, resnet
 
 PROTOCOLS = ("standard", "fedreid")
@@ -66,6 +66,9 @@ def validate(config) -> None:
   _choice(config.fed.weighting, tuple(rounds.WEIGHTINGS), "fed.weighting")
   _choice(config.fed.bn_aggregation, rounds.BN_AGGREGATIONS, "fed.bn_aggregation")
   _choice(config.eval.protocol, PROTOCOLS, "eval.protocol")
+  _choice(config.cdw.form, cdw.FORMS, "cdw.form")
+  _choice(config.cdw.mode, cdw.MODES, "cdw.mode")
+  _choice(config.kd.mode, kd.MODES, "kd.mode")
   _choice(config.eval.best_metric, ("rank1", "rank5", "rank10", "mAP", "mINP"), "eval.best_metric")
   _choice(config.model.backbone, tuple(resnet.ARCHITECTURES), "model.backbone")
   _choice(config.model.last_stride, (1, 2), "model.last_stride")
@@ -73,13 +76,14 @@ def validate(config) -> None:
   _choice(config.model.dtype, tuple(resnet.DTYPES), "model.dtype")
   for field in ("train.batch_size", "train.local_epochs", "fed.rounds", "fed.chunk_steps",
                 "eval.batch_size", "eval.every_rounds", "model.width", "model.embed_dim",
-                "checkpoint_every", "checkpoint_keep", "log_every"):
+                "checkpoint_every", "checkpoint_keep", "log_every", "cdw.batch_size",
+                "kd.batch_size", "kd.every_rounds"):
     value = config
     for key in field.split("."):
       value = value[key]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
       raise ConfigError(f"config.{field}={value!r} must be a positive integer")
-  for field in ("train.lr_backbone", "train.lr_head"):
+  for field in ("train.lr_backbone", "train.lr_head", "kd.lr"):
     section, key = field.split(".")
     _positive(config[section][key], field)
   _positive(config.fed.clients_per_round, "fed.clients_per_round", allow_zero=True)

@@ -7,9 +7,12 @@ import os
 
 from fedreid_jax import config_lib, train
 from fedreid_jax.data import registry
+from fedreid_jax.federated import rounds
 from fedreid_jax.workdir import workdir_lock
 
-MODEL_LABELS = {"fedpav": "FedPav", "local": "Local training", "fedavg": "FedAvg"}
+MODEL_LABELS = {"fedpav": "FedPav", "fedpav_kd": "FedPav+KD", "fedpav_cdw": "FedPav+CDW",
+                "fedpav_kd_cdw": "FedPav+KD+CDW", "local": "Local training", "fedavg": "FedAvg",
+                "centralised": "Centralised"}
 
 
 def _columns(algorithm: str, results: dict) -> dict:
@@ -49,6 +52,10 @@ def run(config, workdir: str) -> str:
 def _run_locked(config, workdir: str) -> str:
   from fedreid_jax.evaluation import report
   clients_data, public = registry.load(config.data, config.seed)
+  for algorithm in (config.fed.algorithm, *config.baselines):  # bad input before any training
+    sub_cfg = config.copy_and_resolve_references()
+    sub_cfg.fed.algorithm = algorithm
+    train.check_algorithm_input(sub_cfg, rounds.algorithm_spec(sub_cfg.fed), clients_data, public)
   columns = _columns(config.fed.algorithm, train.run(config, workdir, clients_data, public))
   plots = []
   for baseline in config.baselines:

@@ -21,9 +21,11 @@ from fedreid_jax import checkpoint, config_lib
 from fedreid_jax import export as export_lib
 from fedreid_jax import run_config
 from fedreid_jax.data import registry
-from fedreid_jax.errors import ConfigError, DiskFull, Interrupted, TrainingDiverged
+from fedreid_jax.data import scenarios
+from fedreid_jax.errors import (ConfigError, DatasetNotPrepared, DiskFull, Interrupted,
+                                TrainingDiverged)
 from fedreid_jax.evaluation import features as features_lib
-from fedreid_jax.federated import execution
+from fedreid_jax.federated import algorithms, execution
 from fedreid_jax.federated import local as local_lib
 from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated import rounds as rounds_lib
@@ -41,14 +43,22 @@ METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 class Experiment:
   """Everything built once for a run: data streams, model, compiled round stages.
 
-  `measurements` ({name: `rounds.Measurement`}) and `server_stages`
-  (`rounds.ServerStage`s) are the round's extension points; the config's
-  algorithm supplies none today (CDW and KD will).
+  The config's algorithm supplies its parts (`federated.algorithms`: the CDW
+  measurement and weights, the KD stage); `measurements` ({name:
+  `rounds.Measurement`}) and `server_stages` (`rounds.ServerStage`s) add more.
+  The centralised baseline trains one client holding every training set and
+  is evaluated on every client's test set.
   """
 
   def __init__(self, config, clients_data, public=None, *, measurements=None,
                server_stages=()):
     self.config = cfg = config
+    self.spec = rounds_lib.algorithm_spec(cfg.fed)
+    check_algorithm_input(cfg, self.spec, clients_data, public)
+    self.tests = [features_lib.load_test_set(c, tuple(cfg.data.image_size))
+                  for c in clients_data]
+    if self.spec.centralised:
+      clients_data = [scenarios.merged(clients_data)]
     self.clients_data = clients_data
     self.size = tuple(cfg.data.image_size)
     num_classes = np.array([c.num_train_ids for c in clients_data])
@@ -60,28 +70,31 @@ class Experiment:
           f"{cfg.train.batch_size}; lower the batch size or drop them via config.data.clients")
     self.model = build_model(cfg.model, int(num_classes.max()))
     self.tx = local_lib.make_optimizer(cfg.train)
-    self.spec = rounds_lib.algorithm_spec(cfg.fed)
     self.num_selected = sampling.num_selected(cfg.fed.clients_per_round, len(clients_data))
     local_step = local_lib.make_local_step(self.model, self.tx, cfg.train)
     self.execute = execution.make_execution(
         cfg.fed.strategy, local_step, cfg.fed.chunk_steps,
         execution.make_mesh(cfg.fed.strategy, self.num_selected))
-    self.stages = rounds_lib.make_round_stages(self.spec, self.tx, measurements,
-                                               server_stages=server_stages)
+    parts = algorithms.make_parts(self.spec, cfg, self.model)
+    self.received_stats = parts.received_stats
+    self.stages = rounds_lib.make_round_stages(
+        self.spec, self.tx, {**parts.measurements, **(measurements or {})}, parts.weighting,
+        (*parts.server_stages, *server_stages))
     input_kw = dict(image_size=self.size, batch_size=cfg.train.batch_size,
                     epochs=cfg.train.local_epochs, seed=cfg.seed, in_memory=cfg.data.in_memory,
                     loader_threads=cfg.data.loader_threads,
                     loader_workers=cfg.data.loader_workers)
     self.inputs = TrainInput([c.train for c in clients_data],
                              names=[c.name for c in clients_data], **input_kw)
-    self.public = (TrainInput([public], names=["public"], **input_kw)
+    public_kw = dict(input_kw, epochs=1, batch_size=cfg.kd.batch_size)
+    self.public = (TrainInput([public], names=["public"], **public_kw)
                    if public is not None else None)
     self.embed_fn = features_lib.make_embed_fn(self.model)
     shared = params_lib.prefix_predicate(rounds_lib.FEATURE_EXTRACTOR)
     init = jax.jit(lambda key: state_lib.init_states(
         self.model, self.tx, shared, key, self.size, num_classes, num_examples))
     self.server, self.clients = init(jax.random.key(cfg.seed))
-    self.tests = [features_lib.load_test_set(c, self.size) for c in clients_data]
+    self.before_server_stages = None  # the global model's evaluation before KD, on KD rounds
     self._finite = jax.jit(lambda server, clients: (
         state_lib.all_finite((server.params, server.batch_stats)),
         state_lib.finite_per_client(clients)))
@@ -111,23 +124,44 @@ class Experiment:
     ids = self.selected(round_index)
     ids_dev = jnp.asarray(ids, jnp.int32)
     selected = self.stages.broadcast(self.server, self.clients, ids_dev)
+    batch = (self.inputs.measurement_batch([int(c) for c in ids], round_index,
+                                           cfg.cdw.batch_size)
+             if self.stages.measure is not None else None)
+    if self.received_stats is not None:  # reference CDW: statistics changed in flight
+      order = jnp.asarray(sampling.round_order(cfg.seed, round_index, len(ids)))
+      selected = algorithms.with_received_stats(
+          selected, self.received_stats(self.server, batch["image"], order))
     streams = [self.inputs.stream(int(c), round_index) for c in ids]
     trained, metrics = self.execute(selected, streams, [self.inputs.num_steps(int(c)) for c in ids],
                                     on_steps)
     measured = {}
-    if self.stages.measure is not None:
-      batch = self.inputs.measurement_batch([int(c) for c in ids], round_index)
+    if batch is not None:
       before = self.stages.broadcast(self.server, self.clients, ids_dev)
-      measured = self.stages.measure(before, trained, batch["image"], batch["label"])
+      measured, trained = self.stages.measure(before, trained, batch["image"], batch["label"])
     weights = self.stages.weights(trained, measured)
     first = jnp.int32(sampling.first_client(cfg.seed, round_index, len(ids)))
     self.server = self.stages.aggregate(self.server, trained, weights, first)
     self.clients = self.stages.scatter(self.clients, trained, ids_dev)
-    context = rounds_lib.ServerContext(round_index, self.clients, ids_dev, self.public)
-    for stage in self.stages.server_stages:
-      self.server = stage(self.server, context)
     names = [self.clients_data[c].name for c in ids]
-    return round_record(names, metrics, measured, weights)
+    record = round_record(names, metrics, measured, weights)
+    record.update(self.run_server_stages(round_index, ids_dev))
+    return record
+
+  def run_server_stages(self, round_index: int, ids_dev) -> dict[str, float]:
+    """The server stages after aggregation; on a round where one is active
+    (KD) the global model is first evaluated (`before_server_stages`)."""
+    stages = self.stages.server_stages
+    self.before_server_stages = None
+    if any(getattr(s, "active", lambda r: True)(round_index) for s in stages):
+      if self.config.eval.before_kd:
+        self.before_server_stages = self.evaluate(client_models=False)
+    context = rounds_lib.ServerContext(round_index, self.clients, ids_dev, self.public)
+    metrics = {}
+    for stage in stages:
+      out = stage(self.server, context)
+      self.server, extra = out if isinstance(out, tuple) else (out, {})
+      metrics.update(extra)
+    return metrics
 
   def evaluate(self, client_models: bool) -> dict[str, dict[str, dict[str, float]]]:
     """{"global"|"client": {client name: metrics}}; a non-sharing algorithm has
@@ -139,11 +173,28 @@ class Experiment:
       out["global"] = {t.name: features_lib.evaluate_model(
           self.embed_fn, variables, t, cfg.eval.protocol, cfg.eval.batch_size)
           for t in self.tests}
-    if client_models or not self.spec.shares:
+    if (client_models and not self.spec.centralised) or not self.spec.shares:
       out["client"] = {t.name: features_lib.evaluate_model(
           self.embed_fn, rounds_lib.client_variables(self.clients, i), t, cfg.eval.protocol,
           cfg.eval.batch_size) for i, t in enumerate(self.tests)}
     return out
+
+
+def check_algorithm_input(config, spec, clients_data, public) -> None:
+  """Bad input for the algorithm's parts, before anything is built: a KD run
+  without a public set, a CDW batch larger than the smallest client."""
+  if spec.kd and public is None:
+    raise DatasetNotPrepared(
+        f"config.fed.algorithm={config.fed.algorithm!r} distils on the server's public set, "
+        f"but {config.data.name!r} loaded none (for the real benchmark: CUHK02, prepared "
+        f"with `python -m fedreid_jax.data prepare --root {config.data.root}`); prepare it "
+        "or pick an algorithm without _kd")
+  if spec.cdw:
+    smallest = min(clients_data, key=lambda c: len(c.train))
+    if config.cdw.batch_size > len(smallest.train):
+      raise ConfigError(
+          f"config.cdw.batch_size={config.cdw.batch_size} is larger than client "
+          f"{smallest.name!r} ({len(smallest.train)} training images); lower it")
 
 
 def round_record(names, metrics: dict, measured: dict, weights) -> dict[str, float]:
@@ -167,8 +218,8 @@ def round_record(names, metrics: dict, measured: dict, weights) -> dict[str, flo
   return record
 
 
-def flatten_eval(results: dict) -> dict[str, float]:
-  prefixes = {"global": "eval", "client": "eval_client"}
+def flatten_eval(results: dict, global_prefix: str = "eval") -> dict[str, float]:
+  prefixes = {"global": global_prefix, "client": "eval_client"}
   return {f"{prefixes[kind]}/{name}/{m}": v[m]
           for kind, per_client in results.items() for name, v in per_client.items() for m in METRICS}
 
@@ -295,14 +346,23 @@ def _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, resul
       logging.info("round %d/%d loss %.4f acc %.3f waste %.2f (%.1fs)", r + 1, rounds,
                    record["train/loss"], record["train/accuracy"],
                    record["train/padding_waste"], record["train/round_seconds"])
+    if "kd/loss" in record:
+      logging.info("round %d: knowledge distillation, %d public batches, mean MSE %.5f "
+                   "(last batch %.5f)", r + 1, record["kd/steps"], record["kd/loss"],
+                   record["kd/loss_last"])
     last = r + 1 == rounds
-    if (r + 1) % config.eval.every_rounds == 0 or last:
+    before = exp.before_server_stages
+    if (r + 1) % config.eval.every_rounds == 0 or last or before is not None:
       results.clear()
-      results.update(exp.evaluate(config.eval.client_models and last))
-      writer.write(r + 1, "eval", flatten_eval(results))
-      for kind, per_client in results.items():
+      results.update(exp.evaluate(config.eval.client_models))
+      record = flatten_eval(results)
+      if before is not None:
+        record.update(flatten_eval({"global": before["global"]}, "eval_before_kd"))
+        results_before = {"global before KD": before["global"]}
+      for kind, per_client in ({**results, **results_before} if before else results).items():
         mean_r1 = np.mean([v["rank1"] for v in per_client.values()])
         logging.info("round %d eval (%s models): mean rank-1 %.1f%%", r + 1, kind, 100 * mean_r1)
+      writer.write(r + 1, "eval", record)
       export_if_best(exp, config, workdir, r + 1, results)
     if (r + 1) % config.checkpoint_every == 0 or last or stop.requested:
       checkpoint.save(manager, r + 1, (exp.server, exp.clients))

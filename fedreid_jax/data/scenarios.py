@@ -6,6 +6,8 @@
   6 clients). Client k trains on the training images taken by camera k, with
   its ids relabelled 0..C_k-1 (an id seen by several cameras is in several
   clients, as in the reference's `split_camera_data.py`).
+- `merged`: every client's training set in one (the centralised baseline),
+  ids offset so that they stay distinct across datasets.
 - `by_identity`: a dataset's training ids split into N clients (the paper:
   CUHK03-NP, 2 clients), seeded. Unlike the reference script (which drops the
   `n % N` leftover ids), every id goes to exactly one client; part sizes
@@ -103,6 +105,33 @@ def by_identity(client: ClientData, num_clients: int, seed: int = 0) -> list[Cli
     out.append(_child(client, f"{client.name}_part{k + 1}", relabelled(client.train, idx),
                       identity_part=k, identity_seed=seed))
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Concat:
+  """`read_image` of concatenated splits: global index -> (split, local index)."""
+  readers: tuple[Callable[[int], np.ndarray], ...]
+  starts: np.ndarray  # [K] first global index of each split
+
+  def __call__(self, i: int) -> np.ndarray:
+    k = int(np.searchsorted(self.starts, i, side="right")) - 1
+    return self.readers[k](int(i - self.starts[k]))
+
+
+def merged(clients: Sequence[ClientData], name: str = "centralised") -> ClientData:
+  """One client training on every client's training split (ids of client k
+  offset by the id counts of clients 0..k-1); its test splits are the first
+  client's (the centralised baseline is evaluated on every client's own)."""
+  sizes = np.array([len(c.train) for c in clients])
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+  offsets = np.cumsum([0] + [c.num_train_ids for c in clients])[:-1]
+  train = ReIDSplit(
+      read_image=Concat(tuple(c.train.read_image for c in clients), starts),
+      pids=np.concatenate([c.train.pids + o for c, o in zip(clients, offsets)]).astype(np.int32),
+      camids=np.concatenate([c.train.camids for c in clients]).astype(np.int32),
+      names=tuple(n for c in clients for n in (c.train.names or [""] * len(c.train))))
+  return ClientData(name, train, clients[0].query, clients[0].gallery,
+                    info={"merged": [c.name for c in clients]})
 
 
 def distinct_test_sets(clients: Sequence[ClientData]) -> list[ClientData]:

@@ -2,16 +2,17 @@
 
     selected = stages.broadcast(server, clients, ids)        # server -> S clients
     trained, metrics = execute(selected, streams, steps)       # execution.py
-    measured = stages.measure(before, trained, batch)          # {name: [S]}
+    measured, trained = stages.measure(before, trained, batch) # {name: [S]}
     weights = stages.weights(trained, measured)                # [S]
     server = stages.aggregate(server, trained, weights, first) # shared subtree mean
     clients = stages.scatter(clients, trained, ids)            # back into [C, ...]
-    server = stage(server, context) for each server stage      # KD, server optimizers
+    server, metrics = stage(server, context) per server stage  # KD
 
 An algorithm is a configuration of these parts (`AlgorithmSpec`), never a
-copy: FedPav shares backbone + embedding with data-size weights; `fedavg`
-also shares the classifier; `local` shares nothing. Client measurements and
-server stages are the extension points (CDW and KD plug in there).
+copy: FedPav shares backbone + embedding with data-size weights; `_cdw`
+weights by the CDW distance measurement (cdw.py); `_kd` adds the KD server
+stage (kd.py); `fedavg` also shares the classifier; `local` shares nothing;
+`centralised` is FedPav over one client holding every training set.
 """
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated.state import ClientStates, ServerState, client_round_keys
 from fedreid_jax.federated.tracing import jit_counted
 
-ALGORITHMS = ("fedpav", "local", "fedavg")
+ALGORITHMS = ("fedpav", "fedpav_kd", "fedpav_cdw", "fedpav_kd_cdw", "local", "fedavg",
+              "centralised")
 FEATURE_EXTRACTOR = params_lib.FEATURE_EXTRACTOR
 BN_AGGREGATIONS = ("mean", "first_client")
 
 # A client measurement: (client state before training, after training, images
-# `[B, H, W, 3]` uint8, labels `[B]`) -> scalar, for one client (vmapped over S).
+# `[B, H, W, 3]` uint8, labels `[B]`) -> scalar, or (scalar, updated after-state)
+# when measuring changes the client (the reference CDW's in-place BatchNorm
+# update), for one client (vmapped over S).
 Measurement = Callable[[ClientStates, ClientStates, jax.Array, jax.Array], jax.Array]
 # Aggregation weights: (trained selected clients `[S, ...]`, measurements
 # {name: `[S]`}) -> unnormalised weights `[S]`.
@@ -58,6 +62,9 @@ class AlgorithmSpec:
   weighting: str = "data_size"  # a key of WEIGHTINGS
   bn_aggregation: str = "mean"  # "mean" or the reference's "first_client" quirk
   reset_optimizer: bool = True  # optimizer state re-created each round
+  kd: bool = False  # server-side knowledge distillation (kd.py)
+  cdw: bool = False  # cosine-distance weights (cdw.py) instead of `weighting`
+  centralised: bool = False  # every training set merged into one client
 
   @property
   def shares(self) -> bool:
@@ -65,11 +72,15 @@ class AlgorithmSpec:
 
 
 def algorithm_spec(fed_cfg) -> AlgorithmSpec:
-  """Named algorithm -> its parts. `fedavg` also shares the classifier."""
-  prefixes = {"fedpav": FEATURE_EXTRACTOR, "local": (),
-              "fedavg": FEATURE_EXTRACTOR + ("classifier",)}[fed_cfg.algorithm]
+  """Named algorithm -> its parts: `fedpav[_kd][_cdw]`, `local`, `fedavg`
+  (FedPav that also shares the classifier), `centralised`."""
+  name = fed_cfg.algorithm
+  prefixes = {"local": (), "fedavg": FEATURE_EXTRACTOR + ("classifier",)}.get(
+      name, FEATURE_EXTRACTOR)
+  parts = name.split("_")
   return AlgorithmSpec(prefixes, fed_cfg.weighting, fed_cfg.bn_aggregation,
-                       fed_cfg.reset_optimizer)
+                       fed_cfg.reset_optimizer, kd="kd" in parts, cdw="cdw" in parts,
+                       centralised=name == "centralised")
 
 
 class ServerContext(NamedTuple):
@@ -80,8 +91,11 @@ class ServerContext(NamedTuple):
   public: Any = None  # the server's public set (`input.TrainInput` of one split), or None
 
 
-# A server stage: (server state, context) -> server state. Runs after
-# aggregation, in order (KD, server optimizers); compile what it computes once.
+# A server stage: (server state, context) -> server state, or (server state,
+# {name: float} logged with the round). Runs after aggregation, in order (KD);
+# compile what it computes once. An optional `active(round_index) -> bool`
+# says whether it changes the server in that round (the loop evaluates the
+# global model before such rounds' stages too).
 ServerStage = Callable[[ServerState, ServerContext], ServerState]
 
 
@@ -125,16 +139,22 @@ def scatter(clients: ClientStates, trained: ClientStates, ids: jax.Array) -> Cli
 
 
 def measure(before: ClientStates, after: ClientStates, images: jax.Array, labels: jax.Array,
-            measurements: Mapping[str, Measurement]) -> dict[str, jax.Array]:
-  """Every measurement for every selected client: {name: `[S]`}."""
-  return {name: jax.vmap(fn)(before, after, images, labels)
-          for name, fn in measurements.items()}
+            measurements: Mapping[str, Measurement]):
+  """Every measurement for every selected client: ({name: `[S]`}, after), where
+  `after` includes any change a measurement made to the clients it measured."""
+  out = {}
+  for name, fn in measurements.items():
+    result = jax.vmap(fn)(before, after, images, labels)
+    if isinstance(result, tuple):
+      result, after = result
+    out[name] = result
+  return out, after
 
 
 class RoundStages(NamedTuple):
   """The compiled stages of one run (see the module docstring)."""
   broadcast: Callable  # (server, clients, ids [S]) -> selected [S, ...]
-  measure: Callable | None  # (before, after, images [S, B, ...], labels [S, B]) -> {name: [S]}
+  measure: Callable | None  # (before, after, images [S, B, ...], labels [S, B]) -> ({name: [S]}, after)
   weights: Callable  # (trained, measured) -> [S]
   aggregate: Callable  # (server, trained, weights, first_client) -> server
   scatter: Callable  # (clients, trained, ids) -> clients

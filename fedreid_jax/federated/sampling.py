@@ -29,3 +29,12 @@ def sample_clients(seed: int, round_index: int, num_clients: int, count: int) ->
 def first_client(seed: int, round_index: int, count: int) -> int:
   """Lane of the round's 'first' client in the reference's random order."""
   return int(np.random.default_rng([seed, round_index, 0xF1]).integers(count))
+
+
+def round_order(seed: int, round_index: int, count: int) -> np.ndarray:
+  """The reference's random client order of a round, as lanes `[count]`; it
+  starts with `first_client`."""
+  first = first_client(seed, round_index, count)
+  rest = np.random.default_rng([seed, round_index, 0x0D]).permutation(
+      [i for i in range(count) if i != first])
+  return np.concatenate([[first], rest]).astype(np.int32)

@@ -41,6 +41,14 @@ def measurement_row(num_examples: int, batch_size: int, seed: int, round_index: 
                     (seed, round_index, client_id, MEASUREMENT_STREAM))[0]
 
 
+def leftover_rows(num_examples: int, batch_size: int, seed: int, round_index: int,
+                  client_id: int) -> np.ndarray:
+  """The rows `client_plan` drops (one epoch): the last partial batch `[N % B]`
+  of the same permutation (the reference's KD keeps it)."""
+  rng = np.random.default_rng([seed, round_index, client_id])
+  return rng.permutation(num_examples)[num_examples // batch_size * batch_size:].astype(np.int64)
+
+
 def num_steps(num_examples: int, batch_size: int, epochs: int) -> int:
   """Local steps of a client per round (drop last)."""
   return num_examples // batch_size * epochs

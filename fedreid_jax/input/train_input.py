@@ -47,6 +47,11 @@ class TrainInput:
     return plan_lib.client_plan(len(self.splits[client]), self.batch_size, self.epochs,
                                 self.seed, round_index, client)
 
+  def leftover_rows(self, client: int, round_index: int) -> np.ndarray:
+    """`[N % B]` rows of the client's first epoch that `plan` drops."""
+    return plan_lib.leftover_rows(len(self.splits[client]), self.batch_size, self.seed,
+                                  round_index, client)
+
   def images(self, client: int) -> np.ndarray:
     """The client's decoded training images `[N, H, W, 3]` (loaded on first use)."""
     if client not in self._arrays:
@@ -81,8 +86,11 @@ class TrainInput:
       if hasattr(it, "close"):
         it.close()
 
-  def measurement_batch(self, clients: Sequence[int], round_index: int) -> Batch:
-    """One batch of each client's own data, stacked: image `[S, B, H, W, 3]`."""
+  def measurement_batch(self, clients: Sequence[int], round_index: int,
+                        batch_size: int | None = None) -> Batch:
+    """One batch of each client's own data, stacked: image `[S, B, H, W, 3]`
+    (B = `batch_size`, default the training batch size)."""
+    b = batch_size or self.batch_size
     batches = [self.gather(c, plan_lib.measurement_row(
-        len(self.splits[c]), self.batch_size, self.seed, round_index, c)) for c in clients]
+        len(self.splits[c]), b, self.seed, round_index, c)) for c in clients]
     return {k: np.stack([b[k] for b in batches]) for k in ("image", "label")}

@@ -1,0 +1,43 @@
+"""An algorithm's optional parts, from its spec and the config: the CDW
+measurement and weighting, the reference CDW's received statistics, the KD
+server stage. `rounds.make_round_stages` compiles them with the rest."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+
+from fedreid_jax.federated import cdw as cdw_lib
+from fedreid_jax.federated import kd as kd_lib
+from fedreid_jax.federated import params as params_lib
+from fedreid_jax.federated.rounds import AlgorithmSpec
+from fedreid_jax.federated.tracing import jit_counted
+
+
+class AlgorithmParts(NamedTuple):
+  measurements: dict  # {name: rounds.Measurement}
+  weighting: Callable | None  # rounds.Weighting, None: the spec's named one
+  server_stages: tuple  # rounds.ServerStage, in order
+  received_stats: Callable | None  # reference CDW: (server, images [S, B, ...], order [S]) -> stats [S, ...]
+
+
+def make_parts(spec: AlgorithmSpec, config, model) -> AlgorithmParts:
+  """The parts `spec` asks for, configured by `config.cdw` / `config.kd`."""
+  measurements, weighting, stages, received = {}, None, (), None
+  if spec.cdw:
+    measurements[cdw_lib.DISTANCE] = cdw_lib.make_measurement(
+        model, config.cdw, config.train, spec.shared_prefixes)
+    weighting = cdw_lib.cdw_weights
+    if config.cdw.form == "logit" and config.cdw.mode == "reference":
+      received = jit_counted("received_stats", lambda server, images, order: (
+          cdw_lib.received_stats(model, server.params, server.batch_stats, images, order,
+                                 config.train, jax.random.fold_in(server.rng, server.round))))
+  if spec.kd:
+    stages = (kd_lib.Distillation(model, config.kd, config.train),)
+  return AlgorithmParts(measurements, weighting, stages, received)
+
+
+def with_received_stats(selected, stats):
+  """The selected clients `[S, ...]` with the shared BatchNorm statistics
+  `stats` `[S, ...]` (the reference CDW's per-client received statistics)."""
+  return selected._replace(batch_stats=params_lib.merge_trees(selected.batch_stats, stats))
