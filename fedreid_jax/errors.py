@@ -50,3 +50,7 @@ class CheckpointDamaged(UserError):
 
 class DiskFull(UserError, OSError):
   """No space left while writing the workdir."""
+
+
+class ReportInputMissing(UserError, FileNotFoundError):
+  """A report was asked for a folder holding no run (config.json + metrics.jsonl)."""

@@ -1,7 +1,8 @@
 """Result reporting: paper-style markdown tables and convergence plots.
 
 - `format_results_table`: per-client metrics of one or more models ("global",
-  "local", ...) as a markdown table in percent, with a mean row.
+  "local", ...) as a markdown table in percent, with a mean row; a value may
+  be a list over seeds, shown as mean ± std.
 - `read_metrics_jsonl` / `plot_convergence`: the per-round JSON-lines log
   (`{"round": 3, "kind": "eval", "eval/<client>/rank1": 0.42, ...}` and
   `{"round": 3, "kind": "train", "train/loss": ..., "client/<name>/loss": ...}`)
@@ -45,8 +46,8 @@ def _row_names(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
   return names
 
 
-def _mean(values: Sequence[Any]) -> float | None:
-  """Mean of the finite values, None when there are none."""
+def _finite(values: Sequence[Any]) -> list[float]:
+  """The values that are finite numbers, as floats (None and the rest dropped)."""
   finite = []
   for v in values:
     try:
@@ -55,7 +56,40 @@ def _mean(values: Sequence[Any]) -> float | None:
       continue
     if math.isfinite(v):
       finite.append(v)
+  return finite
+
+
+def finite_mean(values: Sequence[Any]) -> float | None:
+  """Mean of the finite values, None when there are none."""
+  finite = _finite(values)
   return sum(finite) / len(finite) if finite else None
+
+
+def _is_seq(value: Any) -> bool:
+  return isinstance(value, (list, tuple))
+
+
+def _cell(value: Any) -> str:
+  """A fraction as `_percent`; a list of fractions (one per seed) as
+  "mean ± std" in percent (sample std, n - 1), plain when one is finite."""
+  if not _is_seq(value):
+    return _percent(value)
+  finite = _finite(value)
+  if len(finite) < 2:
+    return _percent(finite[0] if finite else None)
+  mean = sum(finite) / len(finite)
+  std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+  return f"{100.0 * mean:.1f} ± {100.0 * std:.1f}"
+
+
+def _mean_cell(values: Sequence[Any]) -> str:
+  """The mean row's cell of one column: the mean over clients; with per-seed
+  lists, the mean over clients per seed, then mean ± std over seeds."""
+  if not any(_is_seq(v) for v in values):
+    return _percent(finite_mean(values))
+  lists = [v for v in values if _is_seq(v)]
+  seeds = max(len(v) for v in lists)
+  return _cell([finite_mean([v[i] for v in lists if i < len(v)]) for i in range(seeds)])
 
 
 def format_results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
@@ -68,12 +102,14 @@ def format_results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]
       (what `evaluate_rankings` returns), e.g.
       `{"global": {"market1501": {"rank1": 0.83, ...}}, "local": {...}}`.
     title: printed as a bold line above the table (skipped when empty).
+      A value may also be a list with one fraction per seed: the cell is
+      then "mean ± std" over the seeds.
     metrics: metric keys to show, in order (default rank-1/5/10 and mAP).
 
   Returns:
     The table as a string; values in percent with one decimal, "-" where a
     model has no value for a client. The last row is the mean over the
-    clients that have a value.
+    clients that have a value (with seeds: per seed, then mean ± std).
   """
   models = list(results)
   clients = _row_names(results)
@@ -89,13 +125,13 @@ def format_results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]
     cells = [client]
     for model in models:
       row = results[model].get(client) or {}
-      cells += [_percent(row.get(m)) for m in metrics]
+      cells += [_cell(row.get(m)) for m in metrics]
     lines.append("| " + " | ".join(cells) + " |")
   mean_cells = ["**Mean**"]
   for model in models:
     per_client = results[model]
     for m in metrics:
-      mean_cells.append(_percent(_mean([(r or {}).get(m) for r in per_client.values()])))
+      mean_cells.append(_mean_cell([(r or {}).get(m) for r in per_client.values()]))
   lines.append("| " + " | ".join(mean_cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -126,7 +162,8 @@ def format_terminal_table(results: Mapping[str, Mapping[str, Mapping[str, float]
   lines.append(row("client", ["R-1 / mAP"] * len(models)))
   for client in clients:
     lines.append(row(client, [cell(results[m].get(client) or {}) for m in models]))
-  means = [{k: _mean([(r or {}).get(k) for r in results[m].values()]) for k in ("rank1", "mAP")}
+  means = [{k: finite_mean([(r or {}).get(k) for r in results[m].values()])
+            for k in ("rank1", "mAP")}
            for m in models]
   lines.append(row("mean", [cell(v) for v in means]))
   return "\n".join(lines) + "\n"
@@ -154,7 +191,7 @@ def read_metrics_jsonl(path: str | os.PathLike[str]) -> list[dict]:
   return records
 
 
-def _series(records: Sequence[Mapping[str, Any]], key: str,
+def series(records: Sequence[Mapping[str, Any]], key: str,
             kind: str | None = None) -> tuple[list[float], list[float]]:
   """`(rounds, values)` of `key` over records (of `kind`, if given), by round."""
   points = []
@@ -208,7 +245,7 @@ def _plot_eval(ax, records, metric: str) -> None:
   prefix = eval_prefix(records)
   clients = eval_clients(records, metric, prefix)
   for client in clients:
-    rounds, values = _series(records, f"{prefix}/{client}/{metric}", kind="eval")
+    rounds, values = series(records, f"{prefix}/{client}/{metric}", kind="eval")
     ax.plot(rounds, [100.0 * v for v in values], marker="o", markersize=3,
             label=client)
   ax.set_xlabel("round")
@@ -226,12 +263,12 @@ def _plot_train(ax, records) -> None:
   """Panel 2: `train/loss` vs round, per-client losses as thin lines."""
   drawn = False
   for key in _train_loss_keys(records):
-    rounds, values = _series(records, key, kind="train")
+    rounds, values = series(records, key, kind="train")
     if rounds:
       ax.plot(rounds, values, linewidth=0.8, alpha=0.5,
               label=key[len("client/"):-len("/loss")])
       drawn = True
-  rounds, values = _series(records, "train/loss", kind="train")
+  rounds, values = series(records, "train/loss", kind="train")
   if rounds:
     ax.plot(rounds, values, color="black", linewidth=2.0, label="mean")
     drawn = True
@@ -267,9 +304,14 @@ def plot_convergence(metrics_jsonl_path: str | os.PathLike[str],
   _plot_eval(ax_eval, records, metric)
   _plot_train(ax_train, records)
   fig.tight_layout()
+  return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: str | os.PathLike[str], dpi: int = 100) -> str:
+  """Saves a matplotlib `Figure` as PNG (parent folders created); returns the path."""
   out_png = os.fspath(out_png)
   parent = os.path.dirname(out_png)
   if parent:
     os.makedirs(parent, exist_ok=True)
-  fig.savefig(out_png, dpi=100)
+  fig.savefig(out_png, dpi=dpi)
   return out_png

@@ -1,0 +1,216 @@
+"""The suite report: from the runs' metrics files alone, a Markdown report
+with the paper-style tables, convergence plots and retrieval pictures.
+
+    path = write_report("runs/suite")   # -> runs/suite/report/report.md
+
+Writes into the output folder (default `<workdir>/report/`):
+- `report.md`: the runs; the paper's table (rank-1 / mAP per dataset and
+  column) under the final-round and the best-3 selections (`suite_runs`);
+  the rounds each selection used; client models against local training;
+  KD before/after on KD rounds; CDW weights; the pictures below;
+- `convergence_<metric>.png` (default rank1 and mAP): a panel per client;
+- `cdw_weights.png` when a CDW run logged `client/<name>/weight`;
+- `retrieval_<client>.png` from one run's `retrieval/<client>.npz`.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import logging
+import os
+from typing import Sequence
+
+from fedreid_jax.evaluation import report, suite_plots, suite_runs
+from fedreid_jax.evaluation.retrieval_examples import draw_retrieval, load_examples
+from fedreid_jax.evaluation.suite_runs import Column, Run
+
+RETRIEVAL_PREFERENCE = ("fedpav_kd_cdw", "fedpav_kd", "fedpav_cdw", "fedpav")
+LABELS = {alg: label for label, alg, prefix in suite_runs.PAPER_COLUMNS if prefix == "eval"}
+LABELS["local"] = "Local training"
+
+
+def _wrote(path: str) -> str:
+  logging.info("wrote %s", path)
+  return path
+
+
+def _values(runs: Sequence[Run], dotted: str) -> str:
+  """The distinct values of a config field over `runs`, comma-separated."""
+  seen = []
+  for run in runs:
+    v = suite_runs.config_value(run.config, dotted, "?")
+    if v not in seen:
+      seen.append(v)
+  return ", ".join(str(v) for v in seen)
+
+
+def header(workdir: str, runs: Sequence[Run]) -> str:
+  """Title and the list of runs."""
+  seeds = sorted({r.seed for r in runs})
+  lines = [f"# FedReID report: {_values(runs, 'data.name')}", "",
+           f"{len(runs)} runs under `{workdir}`; seeds {', '.join(map(str, seeds))} "
+           f"({len(seeds)} seed{'s' if len(seeds) > 1 else ''}); {_values(runs, 'fed.rounds')} "
+           f"rounds; evaluation every {_values(runs, 'eval.every_rounds')} rounds; "
+           f"{_values(runs, 'eval.protocol')} protocol. Values are percentages"
+           + (", mean ± std over seeds (sample std)." if len(seeds) > 1 else "."), "",
+           "| run | algorithm | seed | rounds | evaluations | last evaluated |",
+           "|---|---|---:|---:|---:|---:|"]
+  for r in runs:
+    evals = [x["round"] for x in r.records if x.get("kind") == "eval" and "round" in x]
+    lines.append(f"| `{r.name}` | {r.algorithm} | {r.seed} | "
+                 f"{suite_runs.config_value(r.config, 'fed.rounds', '?')} | {len(evals)} | "
+                 f"{max(evals) if evals else '-'} |")
+  return "\n".join(lines) + "\n"
+
+
+def selection_tables(columns: Sequence[Column], metrics: Sequence[str],
+                     within: int) -> tuple[str, dict]:
+  """The paper table under both selections; returns `(markdown, {name: selections})`."""
+  big = suite_runs.big_clients(suite_plots.grid_clients(columns, "rank1"))
+  selects = {
+      "Final round": (suite_runs.select_final, "the last evaluation of each run."),
+      "Best-3": (functools.partial(suite_runs.select_best, within=within),
+                 f"the paper's: per column, the {suite_runs.BEST_OF} evaluations at "
+                 f"round <= {within} with the highest mean rank-1 over {', '.join(big)}; "
+                 "per dataset the mean over those evaluations."),
+  }
+  parts, used = [], {}
+  for name, (select, what) in selects.items():
+    results, used[name] = {}, {}
+    for column in columns:
+      results[column.label], used[name][column.label] = suite_runs.column_results(column, select)
+    parts += [f"## {name}", "", f"Selection: {what}", "",
+              report.format_results_table(results, metrics=metrics)]
+  return "\n".join(parts), used
+
+
+def rounds_table(columns: Sequence[Column], used: dict) -> str:
+  """Which rounds each column's selections used, per seed."""
+  lines = ["## Rounds selected", "", "| column | seed | " + " | ".join(used) + " |",
+           "|---|---:|" + "---|" * len(used)]
+  notes = []
+  for column in columns:
+    for i, run in enumerate(column.runs):
+      cells = []
+      for name, per_column in used.items():
+        sel = per_column[column.label][i]
+        cells.append(", ".join(map(str, sel.rounds)) or "-")
+        if not sel.complete and name != "Final round":
+          notes.append(f"{column.label} (seed {run.seed}): only {len(sel.rounds)} "
+                       f"evaluation(s) in range, all used")
+      lines.append(f"| {column.label} | {run.seed} | " + " | ".join(cells) + " |")
+  if notes:
+    lines += ["", "Fewer evaluations than the selection asks for: " + "; ".join(notes) + "."]
+  return "\n".join(lines) + "\n"
+
+
+def client_models_table(groups: dict, metrics: Sequence[str], within: int) -> str:
+  """Each client's own model before upload (best-3) against local training."""
+  columns = suite_runs.make_columns(groups, suite_runs.CLIENT_MODEL_COLUMNS, others=False)
+  if len(columns) < 2:
+    return ""
+  select = functools.partial(suite_runs.select_best, within=within)
+  results = {c.label: suite_runs.column_results(c, select)[0] for c in columns}
+  return "\n".join([
+      "## Client models against local training", "",
+      "Each client's own model after local training, before upload, on its own test set "
+      "(best-3 selection); the paper's claim: with CDW it beats local training everywhere.",
+      "", report.format_results_table(results, metrics=metrics)])
+
+
+def kd_section(groups: dict, metrics: Sequence[str]) -> str:
+  """Before/after KD means over the KD rounds of each KD run (all seeds pooled)."""
+  parts = []
+  for alg, runs in groups.items():
+    records = [r for run in runs for r in suite_runs.eval_records(run.records, "eval_before_kd")]
+    if not records:
+      continue
+    rounds = sorted({r["round"] for r in records})
+    results = {"before KD": suite_runs.mean_over(records, "eval_before_kd"),
+               "after KD": suite_runs.mean_over(records, "eval")}
+    title = (f"{LABELS.get(alg, alg)}: mean over {len(records)} KD evaluations "
+             f"(rounds {', '.join(map(str, rounds))}; {len(runs)} seed(s) pooled)")
+    parts.append(report.format_results_table(results, title, metrics=metrics))
+  if not parts:
+    return ""
+  return "\n".join(["## Knowledge distillation: before and after", "",
+                    "The global model evaluated just before and just after server-side "
+                    "distillation, on the rounds that distil.", ""] + parts)
+
+
+def cdw_section(groups: dict, out_dir: str) -> str:
+  """The CDW runs' per-client aggregation weights against round (first seed)."""
+  cdw = {LABELS.get(alg, alg): runs[0] for alg, runs in groups.items()
+         if "cdw" in alg and suite_plots.weight_keys(runs[0].records)}
+  if not cdw:
+    return ""
+  ref = groups.get("fedpav", [None])[0]
+  reference = ("FedPav, data size", ref) if ref and suite_plots.weight_keys(ref.records) else None
+  path = _wrote(suite_plots.plot_client_weights(cdw, os.path.join(out_dir, "cdw_weights.png"),
+                                                reference))
+  return ("## CDW aggregation weights\n\nEach client's aggregation weight against round "
+          f"(seed {next(iter(cdw.values())).seed}).\n\n![CDW weights]({os.path.basename(path)})\n")
+
+
+def retrieval_run(groups: dict) -> tuple[str, Run] | None:
+  """`(algorithm, run)` whose retrieval pictures to draw: the first of
+  `RETRIEVAL_PREFERENCE`, else any run, having `retrieval/*.npz` (lowest seed)."""
+  order = list(RETRIEVAL_PREFERENCE) + [a for a in groups if a not in RETRIEVAL_PREFERENCE]
+  for alg in order:
+    for run in groups.get(alg, []):
+      if glob.glob(os.path.join(run.path, "retrieval", "*.npz")):
+        return alg, run
+  return None
+
+
+def retrieval_section(groups: dict, out_dir: str) -> str:
+  """Draws `retrieval_<client>.png` per npz of `retrieval_run`; their Markdown."""
+  found = retrieval_run(groups)
+  if found is None:
+    return ("## Retrieval examples\n\nNo run holds `retrieval/<client>.npz` files "
+            "(written at the end of a run).\n")
+  alg, run = found
+  label = LABELS.get(alg, alg)
+  lines = ["## Retrieval examples", "",
+           f"From `{run.name}` ({label}, seed {run.seed}): each row a query, then its most "
+           "similar gallery images, junk included. Green: the same person seen by "
+           "another camera (correct); red: another person; grey and faded: junk, which "
+           "the metrics ignore.", ""]
+  for npz in sorted(glob.glob(os.path.join(run.path, "retrieval", "*.npz"))):
+    client = os.path.splitext(os.path.basename(npz))[0]
+    png = os.path.join(out_dir, f"retrieval_{client}.png")
+    examples = load_examples(npz)
+    _wrote(draw_retrieval(examples, png, f"{client}: {label} ({run.name}), top "
+                          f"{examples['status'].shape[-1]}"))
+    lines += [f"### {client}", "", f"![{client}]({os.path.basename(png)})", ""]
+  return "\n".join(lines)
+
+
+def write_report(workdir: str, out_dir: str | None = None,
+                 metrics: Sequence[str] = ("rank1", "mAP"),
+                 within: int = suite_runs.BEST_WITHIN) -> str:
+  """Writes the report of every run under `workdir`; returns report.md's path.
+
+  Raises `errors.ReportInputMissing` when `workdir` holds no run with evaluations.
+  """
+  runs = suite_runs.with_evaluations(suite_runs.find_runs(workdir))
+  out_dir = out_dir or os.path.join(workdir, "report")
+  os.makedirs(out_dir, exist_ok=True)
+  groups = suite_runs.by_algorithm(runs)
+  columns = suite_runs.make_columns(groups)
+  tables, used = selection_tables(columns, metrics, within)
+  convergence = ["## Convergence", "",
+                 "One panel per client, one line per column (dashed: client models); with "
+                 "several seeds, the mean and a band of ± one std.", ""]
+  for metric in metrics:
+    png = _wrote(suite_plots.plot_convergence_grid(
+        columns, metric, os.path.join(out_dir, f"convergence_{metric}.png")))
+    convergence += [f"![{metric} against round]({os.path.basename(png)})", ""]
+  parts = [header(workdir, runs), tables, rounds_table(columns, used),
+           client_models_table(groups, metrics, within), "\n".join(convergence),
+           kd_section(groups, metrics), cdw_section(groups, out_dir),
+           retrieval_section(groups, out_dir)]
+  path = os.path.join(out_dir, "report.md")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(p.rstrip() + "\n" for p in parts if p))
+  return _wrote(path)
