@@ -70,6 +70,9 @@ def _run_locked(config, workdir: str) -> str:
     columns.update(sub)
   plots.insert(0, _report(columns, config, workdir))  # its table holds the baselines too
   logging.info("tables: %s; plots: %s", os.path.join(workdir, "results.md"), ", ".join(plots))
+  if config.baselines:  # the suite's paper-style report (python -m fedreid_jax.report)
+    from fedreid_jax.evaluation import paper_report
+    logging.info("report: %s", paper_report.write_report(workdir))
   return report.format_terminal_table(
       columns, f"{config.data.name}, {config.eval.protocol} protocol, after "
       f"{config.fed.rounds} rounds: rank-1 / mAP (%); full table in results.md")

@@ -163,20 +163,25 @@ class Experiment:
       metrics.update(extra)
     return metrics
 
-  def evaluate(self, client_models: bool) -> dict[str, dict[str, dict[str, float]]]:
+  def evaluate(self, client_models: bool, examples_dir: str | None = None
+               ) -> dict[str, dict[str, dict[str, float]]]:
     """{"global"|"client": {client name: metrics}}; a non-sharing algorithm has
-    no global model, so its "global" entry is each client's own model."""
+    no "global" entry (each client's own model is its result). `examples_dir`:
+    also save retrieval examples of the global model (else the client models)
+    as `<examples_dir>/<client>.npz`."""
     cfg = self.config
     out = {}
+    path = lambda t: os.path.join(examples_dir, f"{t.name}.npz") if examples_dir else None
     if self.spec.shares:
       variables = rounds_lib.global_variables(self.server)
       out["global"] = {t.name: features_lib.evaluate_model(
-          self.embed_fn, variables, t, cfg.eval.protocol, cfg.eval.batch_size)
+          self.embed_fn, variables, t, cfg.eval.protocol, cfg.eval.batch_size, path(t))
           for t in self.tests}
     if (client_models and not self.spec.centralised) or not self.spec.shares:
+      client_path = path if not self.spec.shares else lambda t: None
       out["client"] = {t.name: features_lib.evaluate_model(
           self.embed_fn, rounds_lib.client_variables(self.clients, i), t, cfg.eval.protocol,
-          cfg.eval.batch_size) for i, t in enumerate(self.tests)}
+          cfg.eval.batch_size, client_path(t)) for i, t in enumerate(self.tests)}
     return out
 
 
@@ -354,7 +359,8 @@ def _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, resul
     before = exp.before_server_stages
     if (r + 1) % config.eval.every_rounds == 0 or last or before is not None:
       results.clear()
-      results.update(exp.evaluate(config.eval.client_models))
+      results.update(exp.evaluate(config.eval.client_models,
+                                  os.path.join(workdir, "retrieval") if last else None))
       record = flatten_eval(results)
       if before is not None:
         record.update(flatten_eval({"global": before["global"]}, "eval_before_kd"))

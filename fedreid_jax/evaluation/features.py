@@ -53,10 +53,15 @@ def load_test_set(client: ClientData, size: tuple[int, int]) -> TestSet:
                  client.query.pids, client.gallery.pids, client.query.camids, client.gallery.camids)
 
 
-def evaluate_model(embed_fn, variables, test: TestSet, protocol: str, batch_size: int) -> dict:
-  """rank1/5/10, mAP, mINP of one model on one client's query/gallery."""
+def evaluate_model(embed_fn, variables, test: TestSet, protocol: str, batch_size: int,
+                   examples_path: str | None = None) -> dict:
+  """rank1/5/10, mAP, mINP of one model on one client's query/gallery; with
+  `examples_path`, also saves retrieval examples there (`retrieval_examples`)."""
   from fedreid_jax.evaluation.retrieval import evaluate_features
   qf = extract_features(embed_fn, variables, test.query_images, batch_size)
   gf = extract_features(embed_fn, variables, test.gallery_images, batch_size)
+  if examples_path:
+    from fedreid_jax.evaluation import retrieval_examples as examples_lib
+    examples_lib.save_examples(examples_path, examples_lib.retrieval_examples(qf, gf, test))
   return evaluate_features(qf, gf, test.query_pids, test.gallery_pids, test.query_cams,
                            test.gallery_cams, protocol=protocol)
