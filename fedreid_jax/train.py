@@ -159,7 +159,7 @@ class Experiment:
     metrics = {}
     for stage in stages:
       out = stage(self.server, context)
-      self.server, extra = out if isinstance(out, tuple) else (out, {})
+      self.server, extra = (out, {}) if isinstance(out, state_lib.ServerState) else out
       metrics.update(extra)
     return metrics
 

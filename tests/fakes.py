@@ -44,6 +44,8 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c.model.embed_dim = 16
   c.train.batch_size = 8  # batch 4 makes BatchNorm chaotic
   c.train.pad = 2
+  c.cdw.batch_size = 8
+  c.kd.batch_size = 8
   c.fed.rounds = 2
   c.fed.strategy = "serial"  # the CPU default; lockstep tests set their own
   c.fed.chunk_steps = 1
