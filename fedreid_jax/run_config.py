@@ -19,7 +19,8 @@ import time
 from fedreid_jax.errors import CheckpointMismatch
 
 MEANING_FIELDS = ("seed", "data.name", "data.clients", "data.scenario", "data.scenario_clients",
-                  "data.image_size", "fed.algorithm", "train.batch_size")
+                  "data.image_size", "fed.algorithm", "train.batch_size", "cdw.form", "cdw.mode",
+                  "kd.mode")
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

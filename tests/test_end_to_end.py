@@ -39,6 +39,11 @@ def test_default_config_two_rounds_via_cli(tmp_path):
   assert len(rank1) == 9 and all(0.0 <= v <= 1.0 for v in rank1)
   table = (workdir / "results.md").read_text()
   assert "syn_ilids" in table and "Local training R-1" in table and "FedPav R-1" in table
+  report = (workdir / "report" / "report.md").read_text()  # the suite's paper report
+  assert "Best-3" in report or "best-3" in report
+  assert "FedPav local" in report and "Local training" in report
+  assert len(list((workdir / "retrieval").glob("*.npz"))) == 9
+  assert (workdir / "report" / "retrieval_syn_market.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
