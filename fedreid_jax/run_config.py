@@ -42,9 +42,11 @@ def changes(saved: dict, now: dict) -> dict[str, list]:
 
 
 def check_meaning(saved: dict, now: dict, workdir: str) -> None:
-  """Refuses a resume that changes a field in MEANING_FIELDS."""
+  """Refuses a resume that changes a field in MEANING_FIELDS (a field the saved
+  config predates counts as unchanged)."""
+  present = flatten(saved)
   diffs = [f"{k}: saved {v[0]!r} vs now {v[1]!r}" for k, v in changes(saved, now).items()
-           if k in MEANING_FIELDS]
+           if k in MEANING_FIELDS and k in present]
   if diffs:
     raise CheckpointMismatch(
         f"workdir {workdir!r} holds a checkpoint of another config ({'; '.join(diffs)}); "
