@@ -118,6 +118,39 @@ def client_models_table(groups: dict, metrics: Sequence[str], within: int) -> st
       "", report.format_results_table(results, metrics=metrics)])
 
 
+def fluctuation(records: Sequence[dict], prefix: str, metric: str = "rank1") -> float | None:
+  """Mean over clients of the mean |change| of `metric` between consecutive
+  evaluations (fractions): how much a convergence curve jumps."""
+  evals = suite_runs.eval_records(records, prefix)
+  if len(evals) < 2:
+    return None
+  clients = sorted({k.split("/")[1] for r in evals for k in r if k.startswith(prefix + "/")})
+  jumps = []
+  for c in clients:
+    values = [r[f"{prefix}/{c}/{metric}"] for r in evals if f"{prefix}/{c}/{metric}" in r]
+    jumps += [abs(b - a) for a, b in zip(values, values[1:])]
+  return sum(jumps) / len(jumps) if jumps else None
+
+
+def fluctuation_section(columns, metric: str = "rank1") -> str:
+  """Per column: mean |change| between consecutive evaluations (seeds: mean ± std)."""
+  rows = []
+  for column in columns:
+    values = [v for v in (fluctuation(run.records, column.prefix, metric)
+                          for run in column.runs) if v is not None]
+    if values:
+      spread = report.cell(values if len(values) > 1 else values[0])
+      rows.append(f"| {column.label} | {spread} | {len(values)} |")
+  if not rows:
+    return ""
+  return "\n".join([
+      "## Fluctuation", "",
+      f"Mean absolute change of each client's {metric} between consecutive evaluations "
+      "(points, averaged over clients and evaluations): lower is a smoother curve; the "
+      "paper's claim: KD smooths FedPav's convergence.", "",
+      "| column | mean jump | seeds |", "|---|---:|---:|"] + rows) + "\n"
+
+
 def kd_section(groups: dict, metrics: Sequence[str]) -> str:
   """Before/after KD means over the KD rounds of each KD run (all seeds pooled)."""
   parts = []
@@ -208,6 +241,7 @@ def write_report(workdir: str, out_dir: str | None = None,
     convergence += [f"![{metric} against round]({os.path.basename(png)})", ""]
   parts = [header(workdir, runs), tables, rounds_table(columns, used),
            client_models_table(groups, metrics, within), "\n".join(convergence),
+           fluctuation_section(columns),
            kd_section(groups, metrics), cdw_section(groups, out_dir),
            retrieval_section(groups, out_dir)]
   path = os.path.join(out_dir, "report.md")

@@ -69,7 +69,7 @@ def _is_seq(value: Any) -> bool:
   return isinstance(value, (list, tuple))
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
   """A fraction as `_percent`; a list of fractions (one per seed) as
   "mean ± std" in percent (sample std, n - 1), plain when one is finite."""
   if not _is_seq(value):
@@ -89,7 +89,7 @@ def _mean_cell(values: Sequence[Any]) -> str:
     return _percent(finite_mean(values))
   lists = [v for v in values if _is_seq(v)]
   seeds = max(len(v) for v in lists)
-  return _cell([finite_mean([v[i] for v in lists if i < len(v)]) for i in range(seeds)])
+  return cell([finite_mean([v[i] for v in lists if i < len(v)]) for i in range(seeds)])
 
 
 def format_results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]],
@@ -125,7 +125,7 @@ def format_results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]
     cells = [client]
     for model in models:
       row = results[model].get(client) or {}
-      cells += [_cell(row.get(m)) for m in metrics]
+      cells += [cell(row.get(m)) for m in metrics]
     lines.append("| " + " | ".join(cells) + " |")
   mean_cells = ["**Mean**"]
   for model in models:

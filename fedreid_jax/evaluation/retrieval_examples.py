@@ -183,7 +183,7 @@ def draw_retrieval(examples: dict, out_png: str, title: str) -> str:
 
   ex = examples
   n, k = ex["status"].shape if np.ndim(ex["status"]) == 2 else (0, 0)
-  fig = Figure(figsize=(1.6 + 0.85 * max(k, 6), 1.1 + 1.75 * max(n, 1)))
+  fig = Figure(figsize=(1.6 + 0.85 * max(k, 6), 1.1 + 1.95 * max(n, 1)))
   FigureCanvasAgg(fig)
   fig.suptitle(title, fontsize=10)
   fig.text(0.5, 0.005, "frame: green correct, red wrong person, grey + faded junk (same "
