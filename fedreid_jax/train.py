@@ -152,7 +152,7 @@ class Experiment:
     (KD) the global model is first evaluated (`before_server_stages`)."""
     stages = self.stages.server_stages
     self.before_server_stages = None
-    if any(getattr(s, "active", lambda r: True)(round_index) for s in stages):
+    if any(getattr(s, "active", lambda r: False)(round_index) for s in stages):
       if self.config.eval.before_kd:
         self.before_server_stages = self.evaluate(client_models=False)
     context = rounds_lib.ServerContext(round_index, self.clients, ids_dev, self.public)
