@@ -58,7 +58,8 @@ def test_default_benchmark_shape():
   assert [s.num_cameras for s in S.DOMAINS] == [15, 8, 6, 2, 2, 2, 2, 2, 2]
   assert sum(n < 100 for n in sizes.values()) >= 3  # several tiny clients
   assert list(sizes.values())[:3] == sorted(list(sizes.values())[:3], reverse=True)
-  assert 300 <= len(S.plan_domain(S.PUBLIC, 0)) <= 500
+  public = len(S.plan_domain(S.PUBLIC, 0))  # CUHK02 is 22% of MSMT17's training images
+  assert 0.18 <= public / sizes["syn_msmt17"] <= 0.26
 
 
 def test_generation_is_deterministic_and_seeded(tmp_path):
