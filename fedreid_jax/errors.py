@@ -50,3 +50,7 @@ class CheckpointDamaged(UserError):
 
 class DiskFull(UserError, OSError):
   """No space left while writing the workdir."""
+
+
+class WeightsFileError(UserError, ValueError):
+  """A pretrained weights file cannot be read or does not fit the configured backbone."""
