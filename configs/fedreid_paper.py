@@ -2,9 +2,13 @@
 Federated Person Re-identification via Benchmark Analysis").
 
   python -m fedreid_jax.data prepare --dataset all --manual_dir <downloads> --data_dir data/tfds
+  python -m fedreid_jax.models.convert_weights --input resnet50-0676ba61.pth \
+      --output weights/resnet50_torchvision.npz
   python -m fedreid_jax.main --config configs/fedreid_paper.py --workdir runs/paper
 
-Needs the nine real datasets prepared (see README, "Real datasets"). 300
+Needs the nine real datasets prepared (see README, "Real datasets") and
+torchvision's ImageNet ResNet-50 weights converted (README, "Pretrained
+backbones"; https://download.pytorch.org/models/resnet50-0676ba61.pth). 300
 rounds of ~2,400 local steps of 32 images at 256x128 on a ResNet-50: on the
 order of a day on one H100 (benchmarks/RESULTS.md has measured step times);
 not meant for a CPU.
@@ -27,6 +31,10 @@ def get_config():
   c.model.last_stride = 2
   c.model.small_stem = False
   c.model.conv_impl = "auto"  # XLA's conv on GPU/TPU; im2col + matmul for tiny maps on CPU
+  # torchvision's ImageNet ResNet-50 (IMAGENET1K_V1), converted once by the command in
+  # the docstring; '' trains from scratch (far below the paper's numbers).
+  c.model.pretrained = "weights/resnet50_torchvision.npz"
+  c.model.bn_unbiased_variance = True  # PyTorch's BatchNorm running variance (the paper's code)
 
   c.train.batch_size = 32
   c.train.lr_backbone = 0.005

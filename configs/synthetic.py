@@ -38,6 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
   # `auto` is what to use for full-width ResNets on a CPU (README, "Speed and precision").
   c.model.conv_impl = "xla"
   c.model.dtype = "float32"  # float32 | bfloat16: compute dtype (params, optimizer, BN stats f32)
+  # A torchvision ResNet weights file for the backbone (README, "Pretrained backbones");
+  # "": random initialisation.
+  c.model.pretrained = ""
+  # True: BatchNorm running variance updated with the unbiased batch variance, as PyTorch
+  # does; False: Flax's biased one (this config's README figures).
+  c.model.bn_unbiased_variance = False
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32

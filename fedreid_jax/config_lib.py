@@ -10,7 +10,7 @@ from fedreid_jax.data import registry
 from fedreid_jax.errors import ConfigError
 
 from fedreid_jax.federated import cdw, execution, kd, rounds
-from fedreid_jax.models import conv, resnet
+from fedreid_jax.models import conv, pretrained, resnet
 
 PROTOCOLS = ("standard", "fedreid")
 
@@ -91,6 +91,10 @@ def validate(config) -> None:
     raise ConfigError(f"config.data.image_size={tuple(config.data.image_size)!r} must be (height, width)")
   if not 0.0 <= config.model.dropout < 1.0:
     raise ConfigError(f"config.model.dropout={config.model.dropout!r} must be in [0, 1)")
+  _choice(config.model.get("bn_unbiased_variance", False), (False, True),
+          "model.bn_unbiased_variance")
+  if config.model.get("pretrained"):  # exists, known format; contents: when the model is built
+    pretrained.check_file(config.model)
 
 
 def check_workdir(workdir: str) -> None:

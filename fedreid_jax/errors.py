@@ -54,3 +54,7 @@ class DiskFull(UserError, OSError):
 
 class ReportInputMissing(UserError, FileNotFoundError):
   """A report was asked for a folder holding no run (config.json + metrics.jsonl)."""
+
+
+class WeightsFileError(UserError, ValueError):
+  """A pretrained weights file cannot be read or does not fit the configured backbone."""

@@ -33,6 +33,7 @@ from fedreid_jax.federated import sampling
 from fedreid_jax.federated import state as state_lib
 from fedreid_jax.input.train_input import TrainInput
 from fedreid_jax.metric_writer import MetricWriter
+from fedreid_jax.models import pretrained
 from fedreid_jax.models.reid import build_model
 from fedreid_jax.stop_signals import StopOnSignal
 from fedreid_jax.workdir import workdir_lock
@@ -94,6 +95,9 @@ class Experiment:
     init = jax.jit(lambda key: state_lib.init_states(
         self.model, self.tx, shared, key, self.size, num_classes, num_examples))
     self.server, self.clients = init(jax.random.key(cfg.seed))
+    if cfg.model.get("pretrained"):  # ImageNet weights: server and every client's backbone
+      self.server, self.clients = state_lib.load_shared(
+          self.server, self.clients, pretrained.load_backbone(cfg.model), self.tx)
     self.before_server_stages = None  # the global model's evaluation before KD, on KD rounds
     self._finite = jax.jit(lambda server, clients: (
         state_lib.all_finite((server.params, server.batch_stats)),

@@ -56,3 +56,33 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     section, field = key.split(".")
     c[section][field] = value
   return c
+
+
+def fake_torchvision_weights(path, model_cfg, seed: int = 0) -> dict:
+  """A random checkpoint in torchvision's layout (ImageNet `fc` head and
+  `num_batches_tracked` included) for `model_cfg`'s backbone, saved as `.npz`
+  or `.safetensors` by `path`'s suffix; returns `{torch key: array}`."""
+  from fedreid_jax.models import pretrained, resnet
+  rng = np.random.default_rng(seed)
+  state = {}
+  for key, shape in pretrained.backbone_shapes(model_cfg).items():
+    name, leaf = pretrained.torch_key(key), key[-1]
+    shape = pretrained.torch_shape(shape)
+    if leaf == "var":
+      value = rng.uniform(0.5, 2.0, shape)
+    elif leaf == "scale":
+      value = rng.uniform(0.5, 1.5, shape)
+    else:
+      value = rng.normal(0.0, 0.05 if leaf == "kernel" else 0.1, shape)
+    state[name] = value.astype(np.float32)
+    if leaf == "var":
+      state[name.replace("running_var", "num_batches_tracked")] = np.array(7, np.int64)
+  dim = resnet.feature_dim(model_cfg.backbone, model_cfg.width)
+  state["fc.weight"] = rng.normal(0.0, 0.01, (1000, dim)).astype(np.float32)
+  state["fc.bias"] = np.zeros(1000, np.float32)
+  if str(path).endswith(".safetensors"):
+    from safetensors.numpy import save_file
+    save_file(state, str(path))
+  else:
+    np.savez(path, **state)
+  return state

@@ -196,6 +196,7 @@ def test_paper_config_trains_a_round_on_prepared_data(built, tmp_path):
   cfg.data.clients = ("market1501", "dukemtmc")
   cfg.data.image_size = (32, 16)
   cfg.model.backbone, cfg.model.width, cfg.model.embed_dim = "resnet_tiny", 4, 16
+  cfg.model.pretrained = ""  # no ImageNet weights for the tiny backbone
   cfg.train.batch_size, cfg.train.pad = 4, 2
   cfg.fed.rounds, cfg.fed.chunk_steps = 1, 2
   cfg.eval.batch_size = 8

@@ -47,10 +47,13 @@ def test_default_config_two_rounds_via_cli(tmp_path):
 
 
 @pytest.mark.slow
-def test_paper_config_compiles_a_round():
-  """ResNet-50, the paper's optimiser and head; tiny fake inputs and clients."""
+def test_paper_config_compiles_a_round(tmp_path):
+  """ResNet-50 from a (random) torchvision checkpoint, the paper's optimiser and
+  head; tiny fake inputs and clients."""
   from fedreid_jax import train
   paper = fakes.load_config("fedreid_paper")
+  paper.model.pretrained = str(tmp_path / "resnet50.npz")
+  state = fakes.fake_torchvision_weights(paper.model.pretrained, paper.model)
   assert paper.model.backbone == "resnet50" and tuple(paper.data.image_size) == (256, 128)
   assert paper.train.batch_size == 32 and paper.fed.rounds == 300
   assert (paper.train.lr_backbone, paper.train.lr_head) == (0.005, 0.05)
@@ -61,6 +64,8 @@ def test_paper_config_compiles_a_round():
   clients = fakes.fake_clients(((2, 8), (2, 4)))
   exp = train.Experiment(paper, clients)
   assert exp.model.backbone == "resnet50"
+  np.testing.assert_array_equal(exp.clients.params["backbone"]["layer4_2"]["conv3"]["kernel"][1],
+                                state["layer4.2.conv3.weight"].transpose(2, 3, 1, 0))
   record = exp.train_round(0)
   assert np.isfinite(record["train/loss"]) and record["train/steps"] == 3
 

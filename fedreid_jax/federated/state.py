@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from fedreid_jax.federated import params as params_lib
 
@@ -90,6 +91,27 @@ def single_client(model, tx: optax.GradientTransformation, rng: jax.Array,
   init = jax.jit(lambda key: init_states(model, tx, shared, key, tuple(image_shape),
                                          np.array([num_classes]), np.array([num_examples])))
   return params_lib.take_client(init(rng)[1], 0)
+
+
+def load_shared(server: ServerState, clients: ClientStates, variables: dict,
+                tx: optax.GradientTransformation) -> tuple[ServerState, ClientStates]:
+  """The server and every client with the leaves of `variables` (`{"params": ...,
+  "batch_stats": ...}` subtrees of the shared model, e.g. a pretrained backbone)
+  in place of theirs; the clients' copies broadcast to `[C, ...]` and their
+  optimizer states re-created on the new parameters. Shapes must match."""
+  new = {name: jax.tree.map(jnp.asarray, tree) for name, tree in variables.items()}
+  for name, tree in new.items():
+    have = traverse_util.flatten_dict(getattr(server, name))
+    for path, leaf in traverse_util.flatten_dict(tree).items():
+      if path not in have or have[path].shape != leaf.shape:
+        raise ValueError(f"{name}/{'/'.join(path)} {leaf.shape}: no shared variable of that shape")
+  num_clients = clients.step.shape[0]
+  stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), new)
+  server = server._replace(**{n: params_lib.merge_trees(getattr(server, n), t)
+                              for n, t in new.items()})
+  clients = clients._replace(**{n: params_lib.merge_trees(getattr(clients, n), t)
+                                for n, t in stacked.items()})
+  return server, clients._replace(opt_state=jax.vmap(tx.init)(clients.params))
 
 
 def client_round_keys(seed_key: jax.Array, round_index, client_ids: jax.Array) -> jax.Array:

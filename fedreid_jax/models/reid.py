@@ -27,13 +27,14 @@ class EmbeddingBlock(nn.Module):
   """Dense(->embed_dim) -> BatchNorm1d -> Dropout(0.5), no ReLU. `[B, D] -> [B, E]`."""
   embed_dim: int = 512
   dropout: float = 0.5
+  bn_unbiased_var: bool = False  # resnet.BatchNorm.unbiased_var
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Dense(self.embed_dim, kernel_init=kaiming_fan_out,
                  bias_init=nn.initializers.zeros, name="dense")(x)
     x = resnet.BatchNorm(use_running_average=not train, scale_init=_bn_scale_init,
-                         name="bn")(x)
+                         unbiased_var=self.bn_unbiased_var, name="bn")(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
@@ -48,12 +49,14 @@ class ReIDModel(nn.Module):
   num_classes: int = 1  # the largest client's id count (padding)
   dtype: str = "float32"  # backbone compute dtype: float32 | bfloat16
   conv_impl: str = "auto"  # conv lowering: auto | xla | patches (models/conv.py)
+  bn_unbiased_var: bool = False  # every BatchNorm: PyTorch's running variance update
 
   def setup(self):
     self.backbone_net = resnet.make_backbone(
         self.backbone, self.width, self.last_stride, self.small_stem,
-        resnet.compute_dtype(self.dtype), self.conv_impl)
-    self.embedding = EmbeddingBlock(self.embed_dim, self.dropout, name="embedding")
+        resnet.compute_dtype(self.dtype), self.conv_impl, self.bn_unbiased_var)
+    self.embedding = EmbeddingBlock(self.embed_dim, self.dropout, self.bn_unbiased_var,
+                                    name="embedding")
     self.classifier = nn.Dense(self.num_classes,
                                kernel_init=nn.initializers.normal(0.001),
                                bias_init=nn.initializers.zeros, name="classifier")
@@ -68,9 +71,11 @@ class ReIDModel(nn.Module):
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> ReIDModel:
-  """The re-ID model of `config.model` with a classifier of `num_classes` ids."""
+  """The re-ID model of `config.model` with a classifier of `num_classes` ids
+  (`model.bn_unbiased_variance` may be absent: exports written before it)."""
   return ReIDModel(backbone=model_cfg.backbone, width=model_cfg.width,
                    last_stride=model_cfg.last_stride, small_stem=model_cfg.small_stem,
                    embed_dim=model_cfg.embed_dim, dropout=model_cfg.dropout,
                    num_classes=num_classes, dtype=model_cfg.dtype,
-                   conv_impl=model_cfg.conv_impl)
+                   conv_impl=model_cfg.conv_impl,
+                   bn_unbiased_var=bool(model_cfg.get("bn_unbiased_variance", False)))

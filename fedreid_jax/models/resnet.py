@@ -22,11 +22,40 @@ import jax.numpy as jnp
 
 from fedreid_jax.models import conv as conv_lib
 
-# PyTorch BatchNorm: momentum 0.1 (Flax momentum = 1 - 0.1), eps 1e-5.
-BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ModuleDef = Callable[..., nn.Module]
+
+
+class BatchNorm(nn.BatchNorm):
+  """`nn.BatchNorm` with PyTorch's settings: momentum 0.1 (Flax momentum = 1 -
+  0.1), eps 1e-5, and with `unbiased_var` PyTorch's running-variance update.
+
+  PyTorch normalises a training batch by its biased variance but moves the
+  running variance towards the unbiased one (x n / (n - 1), n = values per
+  channel in the batch); Flax uses the biased one for both. With
+  `unbiased_var=False` this is exactly `nn.BatchNorm`. Same variables either
+  way (`scale`, `bias`; `batch_stats`: `mean`, `var`). Channels last; no
+  cross-device `axis_name` or `mask` with `unbiased_var`.
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  unbiased_var: bool = False
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    use_avg = nn.merge_param("use_running_average", self.use_running_average,
+                             use_running_average)
+    correct = self.unbiased_var and not use_avg and not self.is_initializing()
+    if correct and (mask is not None or self.axis_name is not None or self.axis != -1):
+      raise ValueError("BatchNorm(unbiased_var=True) takes no mask, axis_name or axis other than -1")
+    old = self.get_variable("batch_stats", "var") if correct else None
+    y = super().__call__(x, use_running_average, mask=mask)
+    if correct:  # new = m old + (1 - m) v  ->  m old + (1 - m) v n / (n - 1)
+      n = x.size // x.shape[-1]
+      var = self.variable("batch_stats", "var")
+      var.value = var.value + (var.value - self.momentum * old) / max(n - 1, 1)
+    return y
 
 
 def compute_dtype(name: str):
@@ -87,12 +116,14 @@ class ResNet(nn.Module):
   small_stem: bool = False  # 3x3 stride-1 stem, no max-pool (tiny CPU inputs)
   dtype: Any = jnp.float32  # compute dtype; params stay float32
   conv_impl: str = "auto"  # conv.IMPLS
+  bn_unbiased_var: bool = False  # BatchNorm.unbiased_var: PyTorch's running variance
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
                              conv_general_dilated=conv_lib.conv_fn(self.conv_impl))
-    norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+    norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
+                             unbiased_var=self.bn_unbiased_var)
     if self.small_stem:
       x = conv(self.width, (3, 3), padding=1, name="conv1")(x)
     else:
@@ -120,12 +151,14 @@ ARCHITECTURES = {
 
 
 def make_backbone(name: str, width: int, last_stride: int, small_stem: bool,
-                  dtype: Any = jnp.float32, conv_impl: str = "auto") -> ResNet:
+                  dtype: Any = jnp.float32, conv_impl: str = "auto",
+                  bn_unbiased_var: bool = False) -> ResNet:
+  """The ResNet `name` (ARCHITECTURES), as the module named `backbone`."""
   if name not in ARCHITECTURES:
     raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(ARCHITECTURES)}")
   stages, block = ARCHITECTURES[name]
   return ResNet(stages, block, width, last_stride, small_stem, dtype, conv_impl,
-                name="backbone")
+                bn_unbiased_var, name="backbone")
 
 
 def feature_dim(name: str, width: int) -> int:
