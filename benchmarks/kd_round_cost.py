@@ -30,37 +30,39 @@ from fedreid_jax import train  # noqa: E402
 from fedreid_jax.data import registry  # noqa: E402
 
 
-def round_times(config, clients, public, rounds: int) -> list[float]:
-  """Seconds of rounds 2..rounds+1 (round 1, with compilation, dropped)."""
-  exp = train.Experiment(config, clients, public)
-  times = []
-  for r in range(rounds + 1):
-    t0 = time.perf_counter()
-    exp.train_round(r)
-    jax.block_until_ready(exp.server.params)
-    times.append(time.perf_counter() - t0)
-  return times[1:]
+def timed_round(exp, round_index: int) -> float:
+  t0 = time.perf_counter()
+  exp.train_round(round_index)
+  jax.block_until_ready(exp.server.params)
+  return time.perf_counter() - t0
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--rounds", type=int, default=6, help="timed rounds per algorithm (even)")
+  p.add_argument("--rounds", type=int, default=8, help="timed rounds per algorithm (even)")
   args = p.parse_args()
   cfg = round_throughput.load_config("synthetic")
   clients, public = registry.load(cfg.data, cfg.seed)
   cfg.kd.every_rounds = 2
   cfg.eval.before_kd = False
-  runs = {}
+  exps = {}
   for algorithm in ("fedpav", "fedpav_cdw", "fedpav_kd_cdw"):
     cfg.fed.algorithm = algorithm
-    runs[algorithm] = round_times(cfg, clients, public, args.rounds)
-  kd_times = runs["fedpav_kd_cdw"]
-  # times[i] is round index i + 1; KD runs after 1-based round numbers divisible by 2
-  kd_rounds = [t for i, t in enumerate(kd_times) if (i + 2) % 2 == 0]
-  plain = [t for i, t in enumerate(kd_times) if (i + 2) % 2 == 1]
-  fedpav, cdw = np.median(runs["fedpav"]), np.median(runs["fedpav_cdw"])
+    exps[algorithm] = train.Experiment(cfg.copy_and_resolve_references(), clients, public)
+    for r in (0, 1):  # compile every stage (round 2, index 1, distils)
+      timed_round(exps[algorithm], r)
+  # Interleaved, so that a busy machine slows every algorithm alike.
+  times = {a: {} for a in exps}
+  for r in range(2, 2 + args.rounds):
+    for algorithm, exp in exps.items():
+      times[algorithm][r] = timed_round(exp, r)
+  kd_rounds = [t for r, t in times["fedpav_kd_cdw"].items() if (r + 1) % 2 == 0]
+  plain = [t for r, t in times["fedpav_kd_cdw"].items() if (r + 1) % 2 == 1]
+  fedpav = np.median(list(times["fedpav"].values()))
+  cdw = np.median(list(times["fedpav_cdw"].values()))
   print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} "
-        f"{jax.default_backend()} device(s), jax {jax.__version__}")
+        f"{jax.default_backend()} device(s), jax {jax.__version__}; {args.rounds} rounds each, "
+        "interleaved, medians")
   print("| round | median s | vs FedPav round |")
   print("|---|---:|---:|")
   for name, value in (("FedPav", fedpav), ("FedPav+CDW", cdw),
