@@ -164,12 +164,17 @@ class RoundStages(NamedTuple):
 def make_round_stages(spec: AlgorithmSpec, tx: optax.GradientTransformation,
                       measurements: Mapping[str, Measurement] | None = None,
                       weighting: Weighting | None = None,
-                      server_stages: Sequence[ServerStage] = ()) -> RoundStages:
-  """Jits each stage once for the run. `weighting` overrides `spec.weighting`."""
+                      server_stages: Sequence[ServerStage] = (),
+                      selected_sharding: jax.sharding.Sharding | None = None) -> RoundStages:
+  """Jits each stage once for the run. `weighting` overrides `spec.weighting`;
+  `selected_sharding`: the layout of the selected clients `[S, ...]` (clients
+  split over a mesh: each device keeps its rows instead of a replicated copy)."""
   weighting = weighting or WEIGHTINGS[spec.weighting]
   measurements = dict(measurements or {})
+  placed = {"out_shardings": selected_sharding} if selected_sharding is not None else {}
   return RoundStages(
-      broadcast=jit_counted("broadcast", lambda s, c, ids: broadcast(s, c, ids, spec, tx)),
+      broadcast=jit_counted("broadcast", lambda s, c, ids: broadcast(s, c, ids, spec, tx),
+                            **placed),
       measure=(jit_counted("measure", lambda b, a, x, y: measure(b, a, x, y, measurements))
                if measurements else None),
       weights=jit_counted("weights", weighting),
