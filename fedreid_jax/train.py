@@ -78,7 +78,8 @@ class Experiment:
     self.execute = execution.make_execution(
         cfg.fed.strategy, local_step, cfg.fed.chunk_steps,
         execution.make_mesh(cfg.fed.strategy, self.num_selected, cfg.fed.num_devices), devices)
-    # `devices`: client state split over a `clients` mesh from the start (when it divides)
+    # `devices`, every client selected: the client state split over a `clients` mesh
+    # from the start (over the most devices dividing the client count)
     self.state_mesh = (device_queues.state_mesh(len(clients_data), self.num_selected, devices)
                        if cfg.fed.strategy == "devices" else None)
     parts = algorithms.make_parts(self.spec, cfg, self.model)
@@ -86,7 +87,7 @@ class Experiment:
     self.stages = rounds_lib.make_round_stages(
         self.spec, self.tx, {**parts.measurements, **(measurements or {})}, parts.weighting,
         (*parts.server_stages, *server_stages),
-        selected_sharding=(jax.sharding.NamedSharding(
+        every_client_sharding=(jax.sharding.NamedSharding(
             self.state_mesh, jax.sharding.PartitionSpec(device_queues.AXIS))
                            if self.state_mesh is not None else None))
     input_kw = dict(image_size=self.size, batch_size=cfg.train.batch_size,

@@ -76,11 +76,12 @@ def queue_devices(num_devices: int = 0) -> list:
 
 
 def state_mesh(num_clients: int, num_selected: int, devices: Sequence) -> jax.sharding.Mesh | None:
-  """A 1-D `clients` mesh over the most devices (of `devices`) dividing both
-  the client count and the selected count; None when that is one device."""
-  n = max(d for d in range(1, len(devices) + 1)
-          if num_clients % d == 0 and num_selected % d == 0)
-  if n == 1:
+  """A 1-D `clients` mesh over the most devices (of `devices`) dividing the
+  client count, when every client is selected each round; None when that is
+  one device, or with client sampling (selecting an arbitrary subset of a
+  split client axis, and writing it back, makes XLA all-gather the state)."""
+  n = max(d for d in range(1, len(devices) + 1) if num_clients % d == 0)
+  if n == 1 or num_selected != num_clients:
     return None
   return jax.make_mesh((n,), (AXIS,), devices=list(devices[:n]),
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -172,9 +173,8 @@ class DeviceQueues:
       sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0.0}
       for length in execution.piece_lengths(num_steps[lane], self.serial.chunk_steps):
         images, labels = execution._stack([next(streams[lane]) for _ in range(length)])
-        images, labels = jax.device_put((images, labels), device)
         fn = self.serial._step if length == 1 else self.serial._chunk
-        state, metrics = fn(state, images, labels)
+        state, metrics = fn(state, images, labels)  # runs where `state` is: `device`
         sums = jax.tree.map(jnp.add, sums, metrics)
         yield length
       done[lane] = (state, sums)
