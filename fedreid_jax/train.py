@@ -104,8 +104,9 @@ class Experiment:
     init = lambda key: state_lib.init_states(
         self.model, self.tx, shared, key, self.size, num_classes, num_examples)
     self.server, self.clients = (
-        jax.jit(init)(jax.random.key(cfg.seed)) if self.state_mesh is None
-        else device_queues.sharded_init(init, jax.random.key(cfg.seed), self.state_mesh))
+        jax.jit(init)(jax.random.key(cfg.seed)) if cfg.fed.strategy != "devices"
+        else device_queues.placed_init(init, jax.random.key(cfg.seed), self.state_mesh,
+                                       devices[0]))
     self.before_server_stages = None  # the global model's evaluation before KD, on KD rounds
     self._finite = jax.jit(lambda server, clients: (
         state_lib.all_finite((server.params, server.batch_stats)),

@@ -74,15 +74,23 @@ def test_more_devices_than_present_is_a_config_error_before_compiling():
 
 
 FOUR_DEVICES = """
+import logging
 import sys
+import tempfile
+import types
 sys.path.insert(0, "tests")
 import jax
 import numpy as np
 import fakes
-from fedreid_jax import train
+from fedreid_jax import checkpoint, train
 from fedreid_jax.federated.params import take_client
 from fedreid_jax.federated.tracing import TRACE_COUNTS
 assert jax.device_count() == 4
+compiled = []  # jax logs every compilation with jax_log_compiles
+logging.getLogger("jax").addHandler(type("H", (logging.Handler,), {
+    "emit": lambda self, r: compiled.append(r.getMessage()[:80])
+    if r.getMessage().startswith("Compiling") else None})())
+jax.config.update("jax_log_compiles", True)
 
 def run(sizes, strategy, num_devices=0):
   cfg = fakes.tiny_config(**{"fed.strategy": strategy, "fed.num_devices": num_devices,
@@ -118,9 +126,29 @@ for sizes, layouts in ((FOUR, (1, 2, 4)), (NINE, (4,))):
     assert shards == {(4, 1): 1, (4, 2): 2, (4, 4): 4, (9, 4): 3}[(len(sizes), n)]
     if n == 4 and len(sizes) == 9:
       assert exp.evaluate(False)["global"] == serial.evaluate(False)["global"]
-      before = dict(TRACE_COUNTS)  # later rounds compile nothing new
-      exp.train_round(1)
-      assert dict(TRACE_COUNTS) == before, (before, dict(TRACE_COUNTS))
+    before = dict(TRACE_COUNTS)  # later rounds trace and compile nothing new
+    compiled.clear()
+    exp.train_round(1)
+    assert dict(TRACE_COUNTS) == before, (before, dict(TRACE_COUNTS))
+    assert not compiled, compiled
+    if n == 4 and len(sizes) == 9:
+      workdir = tempfile.mkdtemp()  # a checkpoint restores onto the split layout
+      manager = checkpoint.make_manager(workdir)
+      checkpoint.save(manager, 2, (exp.server, exp.clients))
+      step, (server, clients) = checkpoint.restore_latest(manager, (exp.server, exp.clients))
+      manager.close()
+      assert step == 2 and worst(exp, types.SimpleNamespace(server=server, clients=clients), 9) == 0
+      assert jax.tree.leaves(clients)[0].sharding == sharding
+# client sampling: 3 of 4 clients; the state stays on one device, clients move to their queues
+cfg = fakes.tiny_config(**{"fed.clients_per_round": 3})
+serial = train.Experiment(cfg, fakes.fake_clients(FOUR))
+serial.train_round(0)
+cfg.fed.strategy = "devices"
+exp = train.Experiment(cfg, fakes.fake_clients(FOUR))
+rec = exp.train_round(0)
+assert exp.state_mesh is None and rec["train/devices"] == 4
+print("3 of 4 clients on 4 devices: max |diff|", worst(serial, exp, 4))
+assert worst(serial, exp, 4) < 1e-6
 print("ok")
 """
 
@@ -129,7 +157,8 @@ print("ok")
 def test_devices_strategy_equals_serial_on_1_2_4_devices():
   """4 clients on 1, 2, 4 devices (state split over the devices) and 9 clients
   on 4 devices (uneven queues; state split over 3): the same clients, server
-  and metrics as `serial`, and no retrace in a later round."""
+  and metrics as `serial`, no retrace in a later round, a checkpoint restored
+  onto the split layout; 3 of 4 clients sampled on 4 devices."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
   out = subprocess.run([sys.executable, "-c", FOUR_DEVICES], cwd=ROOT, env=env,

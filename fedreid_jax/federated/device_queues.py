@@ -16,7 +16,7 @@ computation is the same compiled function on the same inputs as under
 `serial`, so results do not depend on the device count.
 
 Layout: `selected` may live on one device or be split along the client axis
-over a mesh (`state_mesh`, `sharded_init`). A client's state is read from the
+over a mesh (`state_mesh`, `placed_init`). A client's state is read from the
 device that holds its row and moved to its queue's device (a no-op when they
 agree); the trained states go back into the caller's layout, each row to the
 device that holds it, so no device gathers every client. Any other layout
@@ -87,11 +87,14 @@ def state_mesh(num_clients: int, num_selected: int, devices: Sequence) -> jax.sh
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def sharded_init(init_fn, key, mesh: jax.sharding.Mesh):
-  """`init_fn(key) -> (server, clients)` created sharded from the start: the
-  server replicated over `mesh`, every client leaf split along its client axis
-  (`jax.eval_shape` -> shardings -> `jit(out_shardings)`); nothing is
-  materialised on one device first."""
+def placed_init(init_fn, key, mesh: jax.sharding.Mesh | None, device):
+  """`init_fn(key) -> (server, clients)` created where the run keeps them:
+  with a `mesh`, the server replicated over it and every client leaf split
+  along its client axis (`jax.eval_shape` -> shardings -> `jit(out_shardings)`:
+  nothing is materialised on one device first); else on `device`, committed
+  there as the trained states will be (so round two compiles nothing new)."""
+  if mesh is None:
+    return jax.jit(init_fn, out_shardings=jax.sharding.SingleDeviceSharding(device))(key)
   server_shape, clients_shape = jax.eval_shape(init_fn, key)
   replicated = NamedSharding(mesh, PartitionSpec())
   split = NamedSharding(mesh, PartitionSpec(AXIS))
