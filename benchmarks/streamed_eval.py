@@ -1,6 +1,6 @@
 """Streamed evaluation at MSMT17 size: features + metrics, never the test set in host memory.
 
-  python benchmarks/streamed_eval.py --scale 8        # CPU: an eighth of MSMT17, test model
+  python benchmarks/streamed_eval.py --scale 8 --size 256,128   # CPU: 1/8 of MSMT17, test model
   python benchmarks/streamed_eval.py --paper          # GPU: 11,659 x 82,161 at 256x128, ResNet-50
 
 Query and gallery are splits whose images are made on demand from their
@@ -53,6 +53,7 @@ def main():
   parser.add_argument("--paper", action="store_true", help="ResNet-50 at 256x128")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--threads", type=int, default=8)
+  parser.add_argument("--size", default="", help="image size H,W (default: the config's)")
   args = parser.parse_args()
 
   import jax
@@ -64,7 +65,8 @@ def main():
   from fedreid_jax.models.reid import build_model
 
   config = load_config("fedreid_paper") if args.paper else fakes.tiny_config()
-  size = tuple(config.data.image_size)
+  size = tuple(int(x) for x in args.size.split(",")) if args.size else tuple(
+      config.data.image_size)
   model = build_model(config.model, 16)
   variables = jax.jit(lambda k: model.init({"params": k, "dropout": k},
                                            np.zeros((1, *size, 3), np.float32), train=False))(
