@@ -64,8 +64,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.fed.weighting = "data_size"  # data_size | uniform
   c.fed.bn_aggregation = "mean"  # mean | first_client (reference quirk)
   c.fed.reset_optimizer = True
-  c.fed.strategy = "serial"  # serial (CPU) | vmap (GPU) | sequential | sharded
+  c.fed.strategy = "serial"  # serial (CPU) | vmap (GPU) | sequential | sharded | devices
   c.fed.chunk_steps = 1  # XLA CPU runs a scanned step ~2.5x slower: dispatch per step
+  # devices | sharded: use the first N devices (0: all present); more than present is an error.
+  # `devices` queues whole clients on them longest first (README "Clients over devices").
+  c.fed.num_devices = 0
 
   # Cosine-distance weights (the _cdw algorithms; README "Knowledge distillation and CDW").
   c.cdw = ml_collections.ConfigDict()
@@ -88,6 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.every_rounds = 5
   c.eval.protocol = "standard"  # standard | fedreid
   c.eval.batch_size = 256
+  # Read query/gallery batch by batch (never the whole test set in host memory), each
+  # distinct test set embedded once per model; same metrics as in-memory (tested).
+  c.eval.streamed = True
   c.eval.client_models = True  # also test each client's own trained model ("FedPav local")
   c.eval.before_kd = True  # on KD rounds also test the global model before distillation
 

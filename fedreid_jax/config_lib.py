@@ -55,6 +55,19 @@ def _positive(value, field, allow_zero=False):
     raise ConfigError(f"config.{field}={value!r} must be a {'non-negative' if allow_zero else 'positive'} number")
 
 
+def _devices(num_devices) -> None:
+  """`fed.num_devices`: 0 (all) or at most the devices present, checked before
+  anything is compiled."""
+  if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 0:
+    raise ConfigError(f"config.fed.num_devices={num_devices!r} must be 0 (all devices) or a "
+                      "positive integer")
+  import jax  # the backend starts here: only a count is read
+  present = jax.device_count()
+  if num_devices > present:
+    raise ConfigError(f"config.fed.num_devices={num_devices} but only {present} device(s) are "
+                      f"present ({jax.devices()[0].platform}); lower it, or 0 for all")
+
+
 def validate(config) -> None:
   """Raises ConfigError on the first invalid field."""
   _choice(config.data.name, registry.names(), "data.name")
@@ -87,6 +100,9 @@ def validate(config) -> None:
     section, key = field.split(".")
     _positive(config[section][key], field)
   _positive(config.fed.clients_per_round, "fed.clients_per_round", allow_zero=True)
+  _devices(config.fed.num_devices)
+  if not isinstance(config.eval.streamed, bool):
+    raise ConfigError(f"config.eval.streamed={config.eval.streamed!r} must be True or False")
   if len(config.data.image_size) != 2 or min(config.data.image_size) <= 0:
     raise ConfigError(f"config.data.image_size={tuple(config.data.image_size)!r} must be (height, width)")
   if not 0.0 <= config.model.dropout < 1.0:

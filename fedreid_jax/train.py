@@ -25,7 +25,8 @@ from fedreid_jax.data import scenarios
 from fedreid_jax.errors import (ConfigError, DatasetNotPrepared, DiskFull, Interrupted,
                                 TrainingDiverged)
 from fedreid_jax.evaluation import features as features_lib
-from fedreid_jax.federated import algorithms, execution
+from fedreid_jax.evaluation import streamed as streamed_lib
+from fedreid_jax.federated import algorithms, device_queues, execution
 from fedreid_jax.federated import local as local_lib
 from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated import rounds as rounds_lib
@@ -56,7 +57,8 @@ class Experiment:
     self.config = cfg = config
     self.spec = rounds_lib.algorithm_spec(cfg.fed)
     check_algorithm_input(cfg, self.spec, clients_data, public)
-    self.tests = [features_lib.load_test_set(c, tuple(cfg.data.image_size))
+    self.tests = [streamed_lib.StreamedTestSet.from_client(c, tuple(cfg.data.image_size))
+                  if cfg.eval.streamed else features_lib.load_test_set(c, tuple(cfg.data.image_size))
                   for c in clients_data]
     if self.spec.centralised:
       clients_data = [scenarios.merged(clients_data)]
@@ -73,14 +75,22 @@ class Experiment:
     self.tx = local_lib.make_optimizer(cfg.train)
     self.num_selected = sampling.num_selected(cfg.fed.clients_per_round, len(clients_data))
     local_step = local_lib.make_local_step(self.model, self.tx, cfg.train)
+    devices = device_queues.queue_devices(cfg.fed.num_devices)
     self.execute = execution.make_execution(
         cfg.fed.strategy, local_step, cfg.fed.chunk_steps,
-        execution.make_mesh(cfg.fed.strategy, self.num_selected))
+        execution.make_mesh(cfg.fed.strategy, self.num_selected, cfg.fed.num_devices), devices)
+    # `devices`, every client selected: the client state split over a `clients` mesh
+    # from the start (over the most devices dividing the client count)
+    self.state_mesh = (device_queues.state_mesh(len(clients_data), self.num_selected, devices)
+                       if cfg.fed.strategy == "devices" else None)
     parts = algorithms.make_parts(self.spec, cfg, self.model)
     self.received_stats = parts.received_stats
     self.stages = rounds_lib.make_round_stages(
         self.spec, self.tx, {**parts.measurements, **(measurements or {})}, parts.weighting,
-        (*parts.server_stages, *server_stages))
+        (*parts.server_stages, *server_stages),
+        every_client_sharding=(jax.sharding.NamedSharding(
+            self.state_mesh, jax.sharding.PartitionSpec(device_queues.AXIS))
+                           if self.state_mesh is not None else None))
     input_kw = dict(image_size=self.size, batch_size=cfg.train.batch_size,
                     epochs=cfg.train.local_epochs, seed=cfg.seed, in_memory=cfg.data.in_memory,
                     loader_threads=cfg.data.loader_threads,
@@ -92,9 +102,12 @@ class Experiment:
                    if public is not None else None)
     self.embed_fn = features_lib.make_embed_fn(self.model)
     shared = params_lib.prefix_predicate(rounds_lib.FEATURE_EXTRACTOR)
-    init = jax.jit(lambda key: state_lib.init_states(
-        self.model, self.tx, shared, key, self.size, num_classes, num_examples))
-    self.server, self.clients = init(jax.random.key(cfg.seed))
+    init = lambda key: state_lib.init_states(
+        self.model, self.tx, shared, key, self.size, num_classes, num_examples)
+    self.server, self.clients = (
+        jax.jit(init)(jax.random.key(cfg.seed)) if cfg.fed.strategy != "devices"
+        else device_queues.placed_init(init, jax.random.key(cfg.seed), self.state_mesh,
+                                       devices[0]))
     if cfg.model.get("pretrained"):  # ImageNet weights: server and every client's backbone
       self.server, self.clients = state_lib.load_shared(
           self.server, self.clients, pretrained.load_backbone(cfg.model), self.tx)
@@ -148,6 +161,7 @@ class Experiment:
     self.clients = self.stages.scatter(self.clients, trained, ids_dev)
     names = [self.clients_data[c].name for c in ids]
     record = round_record(names, metrics, measured, weights)
+    record.update(getattr(self.execute, "report", dict)())  # `devices`: the schedule
     record.update(self.run_server_stages(round_index, ids_dev))
     return record
 
@@ -173,20 +187,28 @@ class Experiment:
     no "global" entry (each client's own model is its result). `examples_dir`:
     also save retrieval examples of the global model (else the client models)
     as `<examples_dir>/<client>.npz`."""
-    cfg = self.config
     out = {}
     path = lambda t: os.path.join(examples_dir, f"{t.name}.npz") if examples_dir else None
     if self.spec.shares:
-      variables = rounds_lib.global_variables(self.server)
-      out["global"] = {t.name: features_lib.evaluate_model(
-          self.embed_fn, variables, t, cfg.eval.protocol, cfg.eval.batch_size, path(t))
-          for t in self.tests}
+      variables, cache = rounds_lib.global_variables(self.server), {}  # one model: dedup
+      out["global"] = {t.name: self.evaluate_model(variables, t, path(t), cache)
+                       for t in self.tests}
     if (client_models and not self.spec.centralised) or not self.spec.shares:
       client_path = path if not self.spec.shares else lambda t: None
-      out["client"] = {t.name: features_lib.evaluate_model(
-          self.embed_fn, rounds_lib.client_variables(self.clients, i), t, cfg.eval.protocol,
-          cfg.eval.batch_size, client_path(t)) for i, t in enumerate(self.tests)}
+      out["client"] = {t.name: self.evaluate_model(
+          rounds_lib.client_variables(self.clients, i), t, client_path(t))
+          for i, t in enumerate(self.tests)}
     return out
+
+  def evaluate_model(self, variables, test, examples_path=None, cache=None) -> dict:
+    """One model on one client's test set, streamed (`eval.streamed`) or in memory."""
+    cfg = self.config
+    if isinstance(test, streamed_lib.StreamedTestSet):
+      return streamed_lib.evaluate_model(self.embed_fn, variables, test, cfg.eval.protocol,
+                                         cfg.eval.batch_size, examples_path, cache,
+                                         cfg.data.loader_threads)
+    return features_lib.evaluate_model(self.embed_fn, variables, test, cfg.eval.protocol,
+                                       cfg.eval.batch_size, examples_path)
 
 
 def check_algorithm_input(config, spec, clients_data, public) -> None:

@@ -22,7 +22,7 @@ def cli(*args, timeout=600):
 @pytest.mark.parametrize("field, value, expected", [
     ("fed.algorithm", "fedprox", "choose one of ['fedpav', 'fedpav_kd', 'fedpav_cdw', 'fedpav_kd_cdw', 'local', 'fedavg', 'centralised']"),
     ("data.name", "imagenet", "choose one of ['synthetic', 'fedreid']"),
-    ("fed.strategy", "pmap", "choose one of ['serial', 'vmap', 'sequential', 'sharded']"),
+    ("fed.strategy", "pmap", "choose one of ['serial', 'vmap', 'sequential', 'sharded', 'devices']"),
     ("train.batch_size", 0, "must be a positive integer"),
     ("fed.rounds", -3, "must be a positive integer"),
     ("eval.protocol", "cuhk", "choose one of ['standard', 'fedreid']"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -22,17 +23,26 @@ def make_embed_fn(model):
   return jax.jit(embed)
 
 
-def extract_features(embed_fn, variables, images: np.ndarray, batch_size: int) -> jax.Array:
-  """uint8 `[N, H, W, 3]` -> `[N, E]`, in fixed-size batches (one compiled shape)."""
-  n = images.shape[0]
+def embed_batches(embed_fn, variables, batches: Iterable[np.ndarray], batch_size: int,
+                  image_shape: tuple[int, ...]) -> jax.Array:
+  """Consecutive uint8 batches `[<=B, H, W, 3]` -> features `[N, E]` on the device;
+  a short batch is zero-padded to B (one compiled shape)."""
   chunks = []
-  for start in range(0, n, batch_size):
-    batch = images[start:start + batch_size]
+  for batch in batches:
     real = batch.shape[0]
     if real < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]), batch.dtype)])
     chunks.append(embed_fn(variables, batch)[:real])
+  if not chunks:
+    return embed_fn(variables, np.zeros((batch_size, *image_shape), np.uint8))[:0]
   return jnp.concatenate(chunks, 0)
+
+
+def extract_features(embed_fn, variables, images: np.ndarray, batch_size: int) -> jax.Array:
+  """uint8 `[N, H, W, 3]` -> `[N, E]`, in fixed-size batches (one compiled shape)."""
+  starts = range(0, images.shape[0], batch_size)
+  return embed_batches(embed_fn, variables, (images[s:s + batch_size] for s in starts),
+                       batch_size, tuple(images.shape[1:]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,8 @@ Backends:
 - `sequential`: the same lockstep chunks, `lax.map` over clients in the jit.
 - `sharded`: the lockstep chunks with the client axis split over a
   `clients` device mesh (`jax.shard_map`), sequential within each device.
+- `devices`: whole clients queued on devices longest first, each device
+  running its queue like `serial` (no padded steps; `device_queues.py`).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated.state import ClientStates
 from fedreid_jax.federated.tracing import jit_counted
 
-STRATEGIES = ("serial", "vmap", "sequential", "sharded")
+STRATEGIES = ("serial", "vmap", "sequential", "sharded", "devices")
 Metrics = dict  # name -> jax.Array
 
 
@@ -148,10 +150,15 @@ class Lockstep:
 
 
 def make_execution(name: str, local_step: Callable, chunk_steps: int,
-                   mesh: jax.sharding.Mesh | None = None) -> ClientExecution:
-  """The named backend over `local_step` (see the module docstring)."""
+                   mesh: jax.sharding.Mesh | None = None,
+                   devices: Sequence | None = None) -> ClientExecution:
+  """The named backend over `local_step` (see the module docstring); `devices`:
+  the devices of the `devices` strategy (default all)."""
   if name == "serial":
     return Serial(local_step, chunk_steps)
+  if name == "devices":
+    from fedreid_jax.federated import device_queues  # it builds on Serial
+    return device_queues.DeviceQueues(local_step, chunk_steps, devices or jax.devices())
   chunk = local_lib.make_client_chunk(local_step)
   mapped = lambda *args: lax.map(lambda a: chunk(*a), args)
   if name == "vmap":
@@ -167,11 +174,12 @@ def make_execution(name: str, local_step: Callable, chunk_steps: int,
   raise ValueError(f"unknown client strategy {name!r}; choose one of {list(STRATEGIES)}")
 
 
-def make_mesh(strategy: str, num_selected: int) -> jax.sharding.Mesh | None:
-  """`sharded`: a 1-D `clients` mesh over the most devices dividing the selected count."""
+def make_mesh(strategy: str, num_selected: int, num_devices: int = 0) -> jax.sharding.Mesh | None:
+  """`sharded`: a 1-D `clients` mesh over the most devices (of the first
+  `num_devices`, 0: all) dividing the selected count."""
   if strategy != "sharded":
     return None
-  devices = jax.devices()
+  devices = jax.devices()[:num_devices or None]
   n = max(d for d in range(1, len(devices) + 1) if num_selected % d == 0)
   return jax.make_mesh((n,), ("clients",), devices=devices[:n],
                        axis_types=(jax.sharding.AxisType.Auto,))

@@ -100,11 +100,13 @@ ServerStage = Callable[[ServerState, ServerContext], ServerState]
 
 
 def broadcast(server: ServerState, clients: ClientStates, ids: jax.Array, spec: AlgorithmSpec,
-              tx: optax.GradientTransformation) -> ClientStates:
+              tx: optax.GradientTransformation, in_order: bool = False) -> ClientStates:
   """The selected clients `[S, ...]` ready to train: the global shared subtree
   over their own private parts, a fresh optimizer state, this round's keys
-  `fold_in(fold_in(seed, round), id)`, step counters at 0."""
-  sel = jax.tree.map(lambda x: x[ids], clients)
+  `fold_in(fold_in(seed, round), id)`, step counters at 0. `in_order`: every
+  client is selected (`ids` is `arange(C)`), so no gather (over a client axis
+  split across devices, XLA's partitioner all-gathers an arbitrary gather)."""
+  sel = clients if in_order else jax.tree.map(lambda x: x[ids], clients)
   params, stats = sel.params, sel.batch_stats
   if spec.shares:
     bcast = lambda x: jnp.broadcast_to(x, (ids.shape[0], *x.shape))
@@ -166,17 +168,27 @@ class RoundStages(NamedTuple):
 def make_round_stages(spec: AlgorithmSpec, tx: optax.GradientTransformation,
                       measurements: Mapping[str, Measurement] | None = None,
                       weighting: Weighting | None = None,
-                      server_stages: Sequence[ServerStage] = ()) -> RoundStages:
-  """Jits each stage once for the run. `weighting` overrides `spec.weighting`."""
+                      server_stages: Sequence[ServerStage] = (),
+                      every_client_sharding: jax.sharding.Sharding | None = None
+                      ) -> RoundStages:
+  """Jits each stage once for the run. `weighting` overrides `spec.weighting`.
+  `every_client_sharding`: every client trains every round (`ids` is always
+  `arange(C)`) and the client axis is split over a mesh this way; broadcast
+  then gathers nothing and keeps each device's rows on it, and scatter is
+  the trained clients themselves: no collective, no device holds them all."""
   weighting = weighting or WEIGHTINGS[spec.weighting]
   measurements = dict(measurements or {})
+  rows = every_client_sharding is not None
+  placed = {"out_shardings": every_client_sharding} if rows else {}
   return RoundStages(
-      broadcast=jit_counted("broadcast", lambda s, c, ids: broadcast(s, c, ids, spec, tx)),
+      broadcast=jit_counted("broadcast", lambda s, c, ids: broadcast(s, c, ids, spec, tx, rows),
+                            **placed),
       measure=(jit_counted("measure", lambda b, a, x, y: measure(b, a, x, y, measurements))
                if measurements else None),
       weights=jit_counted("weights", weighting),
       aggregate=jit_counted("aggregate", lambda s, t, w, f: aggregate(s, t, w, f, spec)),
-      scatter=jit_counted("scatter", scatter, donate_argnums=0),
+      scatter=(lambda clients, trained, ids: trained) if rows else
+      jit_counted("scatter", scatter, donate_argnums=0),
       server_stages=tuple(server_stages))
 
 

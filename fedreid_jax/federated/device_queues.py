@@ -1,0 +1,203 @@
+"""Clients over devices without padding: the `devices` strategy.
+
+    queues = longest_first([1019, 516, 404, 230, 117, 60, 19, 14, 7], 4)
+    # [[0], [1], [2], [3, 4, 5, 6, 7, 8]]: makespan 1019 = the longest client
+    execute = DeviceQueues(local_step, chunk_steps=1, devices=jax.devices())
+    trained, metrics = execute(selected, streams, num_steps)
+
+Within a round clients are independent, so a device can run several of them
+one after another (DESIGN.md "lane packing"). The selected clients are
+assigned to devices longest first (LPT: each client, longest first, goes to
+the least-loaded device); each device runs its queue with `Serial`'s
+compiled step (no padded steps, the fastest single-device path on CPU and
+GPU). The host dispatches one step per device in turn; JAX dispatch is
+asynchronous, so every device stays busy without threads. Each client's
+computation is the same compiled function on the same inputs as under
+`serial`, so results do not depend on the device count.
+
+Layout: `selected` may live on one device or be split along the client axis
+over a mesh (`state_mesh`, `placed_init`). A client's state is read from the
+device that holds its row and moved to its queue's device (a no-op when they
+agree); the trained states go back into the caller's layout, each row to the
+device that holds it, so no device gathers every client. Any other layout
+is gathered on the first device and restored after (correct, not fast).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fedreid_jax.errors import ConfigError
+from fedreid_jax.federated import execution
+from fedreid_jax.federated import params as params_lib
+from fedreid_jax.federated.tracing import jit_counted
+
+AXIS = "clients"
+
+
+def longest_first(num_steps: Sequence[int], num_devices: int) -> list[list[int]]:
+  """LPT schedule: client indices per device, each queue longest first.
+
+  Ties go to the lower client index and the lower device, so the schedule is
+  deterministic. With n clients and d devices the makespan is at most
+  max(longest client, 4/3 of the optimum)."""
+  loads, queues = [0] * num_devices, [[] for _ in range(num_devices)]
+  for i in sorted(range(len(num_steps)), key=lambda i: (-num_steps[i], i)):
+    d = min(range(num_devices), key=lambda d: (loads[d], d))
+    queues[d].append(i)
+    loads[d] += int(num_steps[i])
+  return queues
+
+
+def schedule_report(num_steps: Sequence[int], queues: Sequence[Sequence[int]]) -> dict:
+  """Steps per device of a schedule: `makespan` (the busiest device), `longest`
+  (the longest client: the critical path), `makespan_ratio` = makespan /
+  longest, `idle` = idle fraction of device-steps up to the makespan,
+  `padding_waste` = step slots / real steps (1: queues pad nothing)."""
+  loads = [sum(int(num_steps[i]) for i in q) for q in queues]
+  makespan, total = max(loads), sum(loads)
+  longest = max(int(n) for n in num_steps)
+  return {"devices": len(queues), "makespan": makespan, "longest": longest,
+          "makespan_ratio": makespan / max(longest, 1),
+          "idle": 1.0 - total / max(len(queues) * makespan, 1), "padding_waste": 1.0}
+
+
+def queue_devices(num_devices: int = 0) -> list:
+  """The first `num_devices` devices (0: all); ConfigError when fewer are present."""
+  devices = jax.devices()
+  if num_devices > len(devices):
+    raise ConfigError(f"config.fed.num_devices={num_devices} but only {len(devices)} "
+                      f"device(s) are present ({devices[0].platform}); lower it, or 0 for all")
+  return devices[:num_devices or len(devices)]
+
+
+def state_mesh(num_clients: int, num_selected: int, devices: Sequence) -> jax.sharding.Mesh | None:
+  """A 1-D `clients` mesh over the most devices (of `devices`) dividing the
+  client count, when every client is selected each round; None when that is
+  one device, or with client sampling (selecting an arbitrary subset of a
+  split client axis, and writing it back, makes XLA all-gather the state)."""
+  n = max(d for d in range(1, len(devices) + 1) if num_clients % d == 0)
+  if n == 1 or num_selected != num_clients:
+    return None
+  return jax.make_mesh((n,), (AXIS,), devices=list(devices[:n]),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def placed_init(init_fn, key, mesh: jax.sharding.Mesh | None, device):
+  """`init_fn(key) -> (server, clients)` created where the run keeps them:
+  with a `mesh`, the server replicated over it and every client leaf split
+  along its client axis (`jax.eval_shape` -> shardings -> `jit(out_shardings)`:
+  nothing is materialised on one device first); else on `device`, committed
+  there as the trained states will be (so round two compiles nothing new)."""
+  if mesh is None:
+    return jax.jit(init_fn, out_shardings=jax.sharding.SingleDeviceSharding(device))(key)
+  server_shape, clients_shape = jax.eval_shape(init_fn, key)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  split = NamedSharding(mesh, PartitionSpec(AXIS))
+  shardings = (jax.tree.map(lambda _: replicated, server_shape),
+               jax.tree.map(lambda _: split, clients_shape))
+  return jax.jit(init_fn, out_shardings=shardings)(key)
+
+
+def row_blocks(tree) -> list[tuple] | None:
+  """`[(device, start, stop, block)]`: which rows of the leading axis each
+  device holds (`block`: that device's tree of rows `[start, stop)`); None
+  when the leaves are not all split the same way along the first axis only."""
+  leaves, treedef = jax.tree.flatten(tree)
+  layout, blocks = None, {}
+  for leaf in leaves:
+    rows = []
+    for s in leaf.addressable_shards:
+      if s.data.shape[1:] != leaf.shape[1:]:
+        return None
+      start, stop, _ = s.index[0].indices(leaf.shape[0])
+      rows.append((s.device, start, stop))
+      blocks.setdefault(s.device, []).append(s.data)
+    if layout is None:
+      layout = rows
+    elif rows != layout:
+      return None
+  return [(d, start, stop, jax.tree.unflatten(treedef, blocks[d])) for d, start, stop in layout]
+
+
+class DeviceQueues:
+  """`devices`: longest-first queues of whole clients, one per device."""
+
+  def __init__(self, local_step, chunk_steps: int, devices: Sequence):
+    self.devices = list(devices)
+    self.serial = execution.Serial(local_step, chunk_steps)  # its compiled step and chunk
+    self._take = jit_counted("devices/take", params_lib.take_client)
+    self._stack = jit_counted("devices/stack",
+                              lambda *states: jax.tree.map(lambda *x: jnp.stack(x), *states))
+    self.last_report: dict = {}
+
+  def report(self) -> dict[str, float]:
+    """The last round's schedule as `train/...` record entries."""
+    r = self.last_report
+    return {"train/devices": float(r["devices"]), "train/makespan_ratio": r["makespan_ratio"],
+            "train/device_idle": r["idle"]} if r else {}
+
+  def __call__(self, selected, streams, num_steps, on_steps=None):
+    layout = None
+    blocks = row_blocks(selected)
+    if blocks is None:  # an unexpected layout: through the first device, and back
+      layout = jax.tree.map(lambda x: x.sharding, selected)
+      selected = jax.device_put(selected, self.devices[0])
+      blocks = row_blocks(selected)
+    queues = longest_first(num_steps, len(self.devices))
+    self.last_report = schedule_report(num_steps, queues)
+    done: dict[int, tuple] = {}
+    runs = [self._run_queue(dev, q, blocks, streams, num_steps, done)
+            for dev, q in zip(self.devices, queues) if q]
+    while runs:  # one dispatch per device in turn: the devices overlap
+      for run in list(runs):
+        length = next(run, None)
+        if length is None:
+          runs.remove(run)
+        elif on_steps is not None:
+          on_steps(length)
+    trained = self._assemble(blocks, {lane: state for lane, (state, _) in done.items()},
+                             selected)
+    if layout is not None:
+      trained = jax.device_put(trained, layout)
+    sums = [jax.device_get(done[lane][1]) for lane in range(len(num_steps))]
+    stacked = {k: jnp.asarray(np.stack([s[k] for s in sums]), jnp.float32) for k in sums[0]}
+    return trained, execution._means(stacked, num_steps)
+
+  def _run_queue(self, device, queue, blocks, streams, num_steps, done):
+    """Trains `queue`'s clients on `device`, one after another; yields the
+    steps of each dispatched piece; `done[lane] = (state, metric sums)`."""
+    for lane in queue:
+      state = jax.device_put(self._take_lane(blocks, lane, device), device)
+      sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0.0}
+      for length in execution.piece_lengths(num_steps[lane], self.serial.chunk_steps):
+        images, labels = execution._stack([next(streams[lane]) for _ in range(length)])
+        fn = self.serial._step if length == 1 else self.serial._chunk
+        state, metrics = fn(state, images, labels)  # runs where `state` is: `device`
+        sums = jax.tree.map(jnp.add, sums, metrics)
+        yield length
+      done[lane] = (state, sums)
+
+  def _take_lane(self, blocks, lane: int, device):
+    """Client `lane`'s state from a device holding its row (`device` first)."""
+    holding = [b for b in blocks if b[1] <= lane < b[2]]
+    dev, start, _, block = next((b for b in holding if b[0] == device), holding[0])
+    return self._take(block, lane - start)
+
+  def _assemble(self, blocks, trained: dict, like):
+    """Trained clients back into `like`'s layout: each device stacks its own rows."""
+    per_device = {dev: self._stack(*[jax.device_put(trained[lane], dev)
+                                     for lane in range(start, stop)])
+                  for dev, start, stop, _ in blocks}
+    if len(per_device) == 1:
+      return next(iter(per_device.values()))
+    leaves, treedef = jax.tree.flatten(like)
+    parts = [jax.tree.leaves(per_device[dev]) for dev, *_ in blocks]
+    return jax.tree.unflatten(treedef, [
+        jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding,
+                                                 [p[i] for p in parts])
+        for i, leaf in enumerate(leaves)])
