@@ -7,7 +7,7 @@ import os
 
 from fedreid_jax import config_lib, train
 from fedreid_jax.data import registry
-from fedreid_jax.federated import rounds
+from fedreid_jax.federated import algorithms, rounds
 from fedreid_jax.workdir import workdir_lock
 
 MODEL_LABELS = {"fedpav": "FedPav", "fedpav_kd": "FedPav+KD", "fedpav_cdw": "FedPav+CDW",
@@ -55,7 +55,7 @@ def _run_locked(config, workdir: str) -> str:
   for algorithm in (config.fed.algorithm, *config.baselines):  # bad input before any training
     sub_cfg = config.copy_and_resolve_references()
     sub_cfg.fed.algorithm = algorithm
-    train.check_algorithm_input(sub_cfg, rounds.algorithm_spec(sub_cfg.fed), clients_data, public)
+    algorithms.check_input(sub_cfg, rounds.algorithm_spec(sub_cfg.fed), clients_data, public)
   columns = _columns(config.fed.algorithm, train.run(config, workdir, clients_data, public))
   plots = []
   for baseline in config.baselines:

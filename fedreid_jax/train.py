@@ -22,8 +22,7 @@ from fedreid_jax import export as export_lib
 from fedreid_jax import run_config
 from fedreid_jax.data import registry
 from fedreid_jax.data import scenarios
-from fedreid_jax.errors import (ConfigError, DatasetNotPrepared, DiskFull, Interrupted,
-                                TrainingDiverged)
+from fedreid_jax.errors import ConfigError, DiskFull, Interrupted, TrainingDiverged
 from fedreid_jax.evaluation import features as features_lib
 from fedreid_jax.evaluation import streamed as streamed_lib
 from fedreid_jax.federated import algorithms, device_queues, execution
@@ -56,7 +55,7 @@ class Experiment:
                server_stages=()):
     self.config = cfg = config
     self.spec = rounds_lib.algorithm_spec(cfg.fed)
-    check_algorithm_input(cfg, self.spec, clients_data, public)
+    algorithms.check_input(cfg, self.spec, clients_data, public)
     self.tests = [streamed_lib.StreamedTestSet.from_client(c, tuple(cfg.data.image_size))
                   if cfg.eval.streamed else features_lib.load_test_set(c, tuple(cfg.data.image_size))
                   for c in clients_data]
@@ -209,23 +208,6 @@ class Experiment:
                                          cfg.data.loader_threads)
     return features_lib.evaluate_model(self.embed_fn, variables, test, cfg.eval.protocol,
                                        cfg.eval.batch_size, examples_path)
-
-
-def check_algorithm_input(config, spec, clients_data, public) -> None:
-  """Bad input for the algorithm's parts, before anything is built: a KD run
-  without a public set, a CDW batch larger than the smallest client."""
-  if spec.kd and public is None:
-    raise DatasetNotPrepared(
-        f"config.fed.algorithm={config.fed.algorithm!r} distils on the server's public set, "
-        f"but {config.data.name!r} loaded none (for the real benchmark: CUHK02, prepared "
-        f"with `python -m fedreid_jax.data prepare --root {config.data.root}`); prepare it "
-        "or pick an algorithm without _kd")
-  if spec.cdw:
-    smallest = min(clients_data, key=lambda c: len(c.train))
-    if config.cdw.batch_size > len(smallest.train):
-      raise ConfigError(
-          f"config.cdw.batch_size={config.cdw.batch_size} is larger than client "
-          f"{smallest.name!r} ({len(smallest.train)} training images); lower it")
 
 
 def round_record(names, metrics: dict, measured: dict, weights) -> dict[str, float]:

@@ -236,3 +236,22 @@ def test_kd_cdw_run_logs_weights_kd_loss_and_evaluations_before_kd(tmp_path):
   assert list(evals) == [2]  # the KD round (also the last)
   assert "eval_before_kd/c0/rank1" in evals[2] and "eval/c0/rank1" in evals[2]
   assert "eval_client/c0/rank1" in evals[2]
+
+
+def test_real_benchmark_without_public_set_runs_fedpav_and_stops_kd(monkeypatch):
+  """An unprepared CUHK02 only matters to KD: the registry returns no public
+  set (with a warning) and a KD algorithm stops with the prepare command."""
+  from fedreid_jax.data import registry, source
+  from fedreid_jax.federated import algorithms
+
+  def missing(root):
+    raise DatasetNotPrepared(f"dataset 'cuhk02' is not prepared under {root}")
+  monkeypatch.setattr(source, "load_public", missing)
+  monkeypatch.setattr(source, "load_clients", lambda names, root: fakes.fake_clients())
+  cfg = fakes.tiny_config(**{"data.name": "fedreid", "data.root": "/nowhere"})
+  clients, public = registry.load(cfg.data, 0)
+  assert public is None and len(clients) == 3
+  algorithms.check_input(cfg, rounds.algorithm_spec(cfg.fed), clients, public)  # fedpav: fine
+  cfg.fed.algorithm = "fedpav_kd"
+  with pytest.raises(DatasetNotPrepared, match="--dataset cuhk02 .*--data_dir /nowhere"):
+    algorithms.check_input(cfg, rounds.algorithm_spec(cfg.fed), clients, public)

@@ -1,9 +1,10 @@
 """Benchmarks by name. `load(config.data, seed)` -> (clients, public set)."""
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
-from fedreid_jax.errors import ConfigError
+from fedreid_jax.errors import ConfigError, DatasetNotPrepared
 from fedreid_jax.data.base import ClientData, ReIDSplit
 
 
@@ -14,10 +15,18 @@ def _synthetic(data_cfg, seed: int):
 
 
 def _fedreid(data_cfg, seed: int):
-  """The nine real datasets, prepared with `python -m fedreid_jax.data prepare`."""
+  """The nine real datasets, prepared with `python -m fedreid_jax.data prepare`.
+  The public set (CUHK02) only KD needs: None, with a warning, when it is not
+  prepared (a KD algorithm then stops before training)."""
   from fedreid_jax.data import source
   names = list(data_cfg.clients) or list(source.CLIENT_DATASETS)
-  return source.load_clients(names, data_cfg.root), source.load_public(data_cfg.root)
+  clients = source.load_clients(names, data_cfg.root)
+  try:
+    public = source.load_public(data_cfg.root)
+  except DatasetNotPrepared as e:
+    logging.warning("no public set (only the _kd algorithms need it): %s", e)
+    public = None
+  return clients, public
 
 
 _BENCHMARKS: dict[str, Callable] = {"synthetic": _synthetic, "fedreid": _fedreid}

@@ -7,6 +7,7 @@ from typing import Callable, NamedTuple
 
 import jax
 
+from fedreid_jax.errors import ConfigError, DatasetNotPrepared
 from fedreid_jax.federated import cdw as cdw_lib
 from fedreid_jax.federated import kd as kd_lib
 from fedreid_jax.federated import params as params_lib
@@ -41,3 +42,20 @@ def with_received_stats(selected, stats):
   """The selected clients `[S, ...]` with the shared BatchNorm statistics
   `stats` `[S, ...]` (the reference CDW's per-client received statistics)."""
   return selected._replace(batch_stats=params_lib.merge_trees(selected.batch_stats, stats))
+
+
+def check_input(config, spec, clients_data, public) -> None:
+  """Bad input for the algorithm's parts, before anything is built: a KD run
+  without a public set, a CDW batch larger than the smallest client."""
+  if spec.kd and public is None:
+    raise DatasetNotPrepared(
+        f"config.fed.algorithm={config.fed.algorithm!r} distils on the server's public set, "
+        f"but {config.data.name!r} loaded none (for the real benchmark: CUHK02, prepared "
+        f"with `python -m fedreid_jax.data prepare --dataset cuhk02 --manual_dir <downloads> "
+        f"--data_dir {config.data.root}`); prepare it or pick an algorithm without _kd")
+  if spec.cdw:
+    smallest = min(clients_data, key=lambda c: len(c.train))
+    if config.cdw.batch_size > len(smallest.train):
+      raise ConfigError(
+          f"config.cdw.batch_size={config.cdw.batch_size} is larger than client "
+          f"{smallest.name!r} ({len(smallest.train)} training images); lower it")
