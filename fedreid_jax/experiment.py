@@ -39,6 +39,13 @@ def _report(columns: dict, config, run_dir: str) -> str:
                                  os.path.join(run_dir, "convergence.png"))
 
 
+def _with_algorithm(config, algorithm: str):
+  """A copy of `config` running `algorithm` (a baseline of the suite)."""
+  sub_cfg = config.copy_and_resolve_references()
+  sub_cfg.fed.algorithm = algorithm
+  return sub_cfg
+
+
 def run(config, workdir: str) -> str:
   """Runs everything; returns a terminal-width table of rank-1 / mAP. The full
   tables are in `<workdir>/results.md` (all runs) and each baseline's folder.
@@ -53,16 +60,14 @@ def _run_locked(config, workdir: str) -> str:
   from fedreid_jax.evaluation import report
   clients_data, public = registry.load(config.data, config.seed)
   for algorithm in (config.fed.algorithm, *config.baselines):  # bad input before any training
-    sub_cfg = config.copy_and_resolve_references()
-    sub_cfg.fed.algorithm = algorithm
+    sub_cfg = _with_algorithm(config, algorithm)
     algorithms.check_input(sub_cfg, rounds.algorithm_spec(sub_cfg.fed), clients_data, public)
   columns = _columns(config.fed.algorithm, train.run(config, workdir, clients_data, public))
   plots = []
   for baseline in config.baselines:
     if baseline == config.fed.algorithm:
       continue
-    sub_cfg = config.copy_and_resolve_references()
-    sub_cfg.fed.algorithm = baseline
+    sub_cfg = _with_algorithm(config, baseline)
     sub_dir = os.path.join(workdir, f"baseline_{baseline}")
     logging.info("baseline %s -> %s", baseline, sub_dir)
     sub = _columns(baseline, train.run(sub_cfg, sub_dir, clients_data, public))

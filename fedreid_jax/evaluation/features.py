@@ -10,7 +10,7 @@ import numpy as np
 
 from fedreid_jax.data.base import ClientData
 from fedreid_jax.input.reader import load_images
-from fedreid_jax.models.preprocess import normalize
+from fedreid_jax.models.preprocess import l2_normalize, normalize
 
 
 def make_embed_fn(model):
@@ -19,7 +19,7 @@ def make_embed_fn(model):
     x = normalize(images)
     f = model.apply(variables, x, train=False, method=type(model).embed)
     f = f + model.apply(variables, x[:, :, ::-1], train=False, method=type(model).embed)
-    return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+    return l2_normalize(f)
   return jax.jit(embed)
 
 

@@ -121,13 +121,9 @@ def client_models_table(groups: dict, metrics: Sequence[str], within: int) -> st
 def fluctuation(records: Sequence[dict], prefix: str, metric: str = "rank1") -> float | None:
   """Mean over clients of the mean |change| of `metric` between consecutive
   evaluations (fractions): how much a convergence curve jumps."""
-  evals = suite_runs.eval_records(records, prefix)
-  if len(evals) < 2:
-    return None
-  clients = sorted({k.split("/")[1] for r in evals for k in r if k.startswith(prefix + "/")})
   jumps = []
-  for c in clients:
-    values = [r[f"{prefix}/{c}/{metric}"] for r in evals if f"{prefix}/{c}/{metric}" in r]
+  for client in report.eval_clients(records, metric, prefix):
+    _, values = report.series(records, f"{prefix}/{client}/{metric}", kind="eval")
     jumps += [abs(b - a) for a, b in zip(values, values[1:])]
   return sum(jumps) / len(jumps) if jumps else None
 

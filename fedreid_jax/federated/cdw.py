@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated.state import ClientStates
-from fedreid_jax.models.preprocess import augment, normalize
+from fedreid_jax.models.preprocess import augment, l2_normalize, normalize
 
 FORMS = ("logit", "delta")
 MODES = ("default", "reference")
@@ -72,9 +72,7 @@ def parameter_distance(global_params, client_params) -> jax.Array:
   """1 - cos between two parameter trees, flattened (same structure) -> scalar."""
   a = jnp.concatenate([x.ravel().astype(jnp.float32) for x in jax.tree.leaves(global_params)])
   b = jnp.concatenate([x.ravel().astype(jnp.float32) for x in jax.tree.leaves(client_params)])
-  a = a / jnp.maximum(jnp.linalg.norm(a), _EPS)
-  b = b / jnp.maximum(jnp.linalg.norm(b), _EPS)
-  return 0.5 * jnp.sum(jnp.square(a - b))
+  return 0.5 * jnp.sum(jnp.square(l2_normalize(a) - l2_normalize(b)))
 
 
 def _variables(state: ClientStates):

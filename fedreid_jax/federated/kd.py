@@ -31,23 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedreid_jax.federated import local as local_lib
 from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated.state import ServerState
 from fedreid_jax.federated.tracing import jit_counted
-from fedreid_jax.models.preprocess import augment, normalize
+from fedreid_jax.models.preprocess import augment, l2_normalize, normalize
 
 MODES = ("default", "reference")
 
 
 def make_server_optimizer(kd_cfg) -> optax.GradientTransformation:
-  """SGD with PyTorch-style coupled weight decay, as the reference's server."""
-  return optax.chain(optax.add_decayed_weights(kd_cfg.weight_decay),
-                     optax.sgd(kd_cfg.lr, momentum=kd_cfg.momentum or None,
-                               nesterov=kd_cfg.nesterov))
-
-
-def _unit(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  """The clients' SGD (coupled weight decay) with the KD settings, as the reference's server."""
+  return local_lib.sgd(kd_cfg.lr, kd_cfg)
 
 
 def teacher_embedding(model, teachers, x: jax.Array, normalize_each: bool, train: bool,
@@ -63,7 +58,7 @@ def teacher_embedding(model, teachers, x: jax.Array, normalize_each: bool, train
                          mutable=["batch_stats"], rngs={"dropout": k})
     else:
       f = model.apply(variables, x, train=False, method=type(model).embed)
-    return _unit(f) if normalize_each else f
+    return l2_normalize(f) if normalize_each else f
 
   return jnp.mean(jax.lax.map(one, (teachers, keys)), axis=0)
 
@@ -87,7 +82,7 @@ def make_kd_step(model, kd_cfg, train_cfg, tx: optax.GradientTransformation):
         new_stats = upd["batch_stats"]
       else:
         f, new_stats = model.apply(variables, x, train=False, method=type(model).embed), stats
-        f = _unit(f) if kd_cfg.normalize_teachers else f
+        f = l2_normalize(f) if kd_cfg.normalize_teachers else f
       return jnp.mean(jnp.square(f - target)), new_stats
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -24,20 +24,24 @@ from fedreid_jax.federated.state import ClientStates
 from fedreid_jax.models.preprocess import augment, normalize
 
 
+def sgd(lr: float, cfg) -> optax.GradientTransformation:
+  """SGD with PyTorch-style coupled weight decay (`cfg.weight_decay`,
+  `cfg.momentum`, `cfg.nesterov`): the clients' and the KD server's optimizer."""
+  return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                     optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+
+
 def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """SGD (Nesterov) with PyTorch-style coupled weight decay on every parameter,
   lr `lr_backbone` for the backbone and `lr_head` for embedding + classifier."""
-  def sgd(lr):
-    return optax.chain(
-        optax.add_decayed_weights(train_cfg.weight_decay),
-        optax.sgd(lr, momentum=train_cfg.momentum or None, nesterov=train_cfg.nesterov))
 
   def labels(params):
     return {k: jax.tree.map(lambda _: "backbone" if k == "backbone" else "head", v)
             for k, v in params.items()}
 
   return optax.multi_transform(
-      {"backbone": sgd(train_cfg.lr_backbone), "head": sgd(train_cfg.lr_head)}, labels)
+      {"backbone": sgd(train_cfg.lr_backbone, train_cfg),
+       "head": sgd(train_cfg.lr_head, train_cfg)}, labels)
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, num_classes) -> jax.Array:

@@ -13,14 +13,22 @@ import numpy as np
 MEASUREMENT_STREAM = 1  # seed word of the extra per-client measurement batch
 
 
+def epoch_orders(num_examples: int, epochs: int, seed_words: Sequence[int],
+                 shuffle: bool = True) -> list[np.ndarray]:
+  """Per epoch the order of the N examples: a fresh permutation drawn from
+  `default_rng(seed_words)` (or the identity). `epochs` x `[N]`."""
+  rng = np.random.default_rng(list(seed_words))
+  return [rng.permutation(num_examples) if shuffle else np.arange(num_examples)
+          for _ in range(epochs)]
+
+
 def batch_plan(num_examples: int, batch_size: int, epochs: int, seed_words: Sequence[int],
                shuffle: bool = True) -> np.ndarray:
-  """`[epochs * (N // B), B]` int64 indices: per epoch a fresh permutation drawn
-  from `default_rng(seed_words)` (or the identity), last partial batch dropped."""
-  rng = np.random.default_rng(list(seed_words))
+  """`[epochs * (N // B), B]` int64 indices: `epoch_orders` cut into batches,
+  last partial batch dropped."""
   per_epoch = num_examples // batch_size
-  rows = [(rng.permutation(num_examples) if shuffle else np.arange(num_examples))
-          [:per_epoch * batch_size].reshape(per_epoch, batch_size) for _ in range(epochs)]
+  rows = [order[:per_epoch * batch_size].reshape(per_epoch, batch_size)
+          for order in epoch_orders(num_examples, epochs, seed_words, shuffle)]
   if not rows:
     return np.zeros((0, batch_size), np.int64)
   return np.concatenate(rows, 0).astype(np.int64)
@@ -45,8 +53,8 @@ def leftover_rows(num_examples: int, batch_size: int, seed: int, round_index: in
                   client_id: int) -> np.ndarray:
   """The rows `client_plan` drops (one epoch): the last partial batch `[N % B]`
   of the same permutation (the reference's KD keeps it)."""
-  rng = np.random.default_rng([seed, round_index, client_id])
-  return rng.permutation(num_examples)[num_examples // batch_size * batch_size:].astype(np.int64)
+  order = epoch_orders(num_examples, 1, (seed, round_index, client_id))[0]
+  return order[num_examples // batch_size * batch_size:].astype(np.int64)
 
 
 def num_steps(num_examples: int, batch_size: int, epochs: int) -> int:

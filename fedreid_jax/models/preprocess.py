@@ -19,6 +19,11 @@ def normalize(images: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
 
 
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """Unit rows along the last axis (`[..., E]`); an all-zero row stays zero."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def augment(key: jax.Array, images: jax.Array, pad: int, flip: bool) -> jax.Array:
   """Zero-pad `pad`, random crop back, random horizontal flip; `[B, H, W, 3]` uint8."""
   b, h, w, _ = images.shape
