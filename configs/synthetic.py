@@ -70,6 +70,15 @@ def get_config() -> ml_collections.ConfigDict:
   # `devices` queues whole clients on them longest first (README "Clients over devices").
   c.fed.num_devices = 0
 
+  # Several hosts (README "Several hosts"): the same command on every host, with
+  # --config.hosts.process_id=K (0 on the coordinator's host). 1: one host; 0: detect
+  # the cluster (SLURM, Open MPI, ...). Needs fed.strategy = "devices".
+  c.hosts = ml_collections.ConfigDict()
+  c.hosts.num_processes = 1
+  c.hosts.process_id = -1  # -1: from the cluster's environment
+  c.hosts.coordinator_address = ""  # HOST:PORT of process 0; "": JAX_COORDINATOR_ADDRESS
+  c.hosts.timeout_s = 300  # how long a process waits for the others to join
+
   # Cosine-distance weights (the _cdw algorithms; README "Knowledge distillation and CDW").
   c.cdw = ml_collections.ConfigDict()
   c.cdw.form = "logit"  # logit (the reference's) | delta (shared-parameter angle)

@@ -17,6 +17,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from fedreid_jax import hosts
 from fedreid_jax.errors import CheckpointDamaged, CheckpointMismatch
 
 def _plain(tree):
@@ -90,11 +91,14 @@ def save(manager: ocp.CheckpointManager, round_index: int, state) -> None:
   then the sha256 of each of its files (`<workdir>/checksums/<step>.json`)."""
   manager.save(round_index, args=ocp.args.Composite(state=ocp.args.StandardSave(_unkey(state))))
   manager.wait_until_finished()
-  path = _checksum_path(manager, round_index)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(file_digests(_step_dir(manager, round_index)), f)
-  os.replace(path + ".tmp", path)
+  hosts.barrier(f"checkpoint {round_index} written")  # several hosts: every shard is on disk
+  if hosts.is_main():
+    path = _checksum_path(manager, round_index)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(file_digests(_step_dir(manager, round_index)), f)
+    os.replace(path + ".tmp", path)
+  hosts.barrier(f"checkpoint {round_index} hashed")
 
 
 def verify(manager: ocp.CheckpointManager, step: int) -> str | None:

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import tempfile
 
+from fedreid_jax import hosts
 from fedreid_jax.data import registry
 from fedreid_jax.errors import ConfigError
 
@@ -100,6 +101,7 @@ def validate(config) -> None:
     section, key = field.split(".")
     _positive(config[section][key], field)
   _positive(config.fed.clients_per_round, "fed.clients_per_round", allow_zero=True)
+  hosts.check_settings(config)
   _devices(config.fed.num_devices)
   if not isinstance(config.eval.streamed, bool):
     raise ConfigError(f"config.eval.streamed={config.eval.streamed!r} must be True or False")

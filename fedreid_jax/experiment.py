@@ -2,10 +2,11 @@
 same data and seed; a combined table (the paper's format) and plots."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
-from fedreid_jax import config_lib, train
+from fedreid_jax import config_lib, hosts, train
 from fedreid_jax.data import registry
 from fedreid_jax.federated import algorithms, rounds
 from fedreid_jax.workdir import workdir_lock
@@ -52,7 +53,7 @@ def run(config, workdir: str) -> str:
   Holds the workdir's lock throughout (`workdir.workdir_lock`)."""
   config_lib.validate(config)
   config_lib.check_workdir(workdir)
-  with workdir_lock(workdir):
+  with workdir_lock(workdir) if hosts.is_main() else contextlib.nullcontext():
     return _run_locked(config, workdir)
 
 
@@ -71,8 +72,11 @@ def _run_locked(config, workdir: str) -> str:
     sub_dir = os.path.join(workdir, f"baseline_{baseline}")
     logging.info("baseline %s -> %s", baseline, sub_dir)
     sub = _columns(baseline, train.run(sub_cfg, sub_dir, clients_data, public))
-    plots.append(_report(sub, sub_cfg, sub_dir))
+    if hosts.is_main():  # process 0 writes the tables and plots
+      plots.append(_report(sub, sub_cfg, sub_dir))
     columns.update(sub)
+  if not hosts.is_main():
+    return ""
   plots.insert(0, _report(columns, config, workdir))  # its table holds the baselines too
   logging.info("tables: %s; plots: %s", os.path.join(workdir, "results.md"), ", ".join(plots))
   if config.baselines:  # the suite's paper-style report (python -m fedreid_jax.report)

@@ -73,9 +73,17 @@ def log_above_progress_bars() -> None:
 def main(argv):
   del argv
   from fedreid_jax import experiment
+  from fedreid_jax import hosts
   log_above_progress_bars()
   use_compilation_cache()
-  print(run_or_exit(lambda: experiment.run(_CONFIG.value, _WORKDIR.value)))
+
+  def run():
+    hosts.initialize(_CONFIG.value)  # several hosts: join them before any device starts
+    hosts.check_same_config(_CONFIG.value)
+    return experiment.run(_CONFIG.value, _WORKDIR.value)
+  table = run_or_exit(run)
+  if hosts.is_main():
+    print(table)
 
 
 def unknown_override(argv: list[str]) -> str | None:

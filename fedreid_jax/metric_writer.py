@@ -57,3 +57,14 @@ class MetricWriter:
   def close(self) -> None:
     self._jsonl.close()
     self._tb.close()
+
+
+class NullWriter:
+  """A MetricWriter that writes nothing (the processes other than 0 of a run
+  over several hosts)."""
+
+  def write(self, round_index: int, kind: str, scalars: dict[str, float]) -> None:
+    del round_index, kind, scalars
+
+  def close(self) -> None:
+    pass

@@ -6,7 +6,6 @@ config as an argument and never reads flags.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -17,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from fedreid_jax import checkpoint, config_lib
+from fedreid_jax import checkpoint, config_lib, hosts
 from fedreid_jax import export as export_lib
 from fedreid_jax import run_config
 from fedreid_jax.data import registry
 from fedreid_jax.data import scenarios
-from fedreid_jax.errors import ConfigError, DiskFull, Interrupted, TrainingDiverged
+from fedreid_jax.errors import ConfigError, Interrupted, TrainingDiverged
 from fedreid_jax.evaluation import features as features_lib
 from fedreid_jax.evaluation import streamed as streamed_lib
 from fedreid_jax.federated import algorithms, device_queues, execution
@@ -31,15 +30,15 @@ from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated import rounds as rounds_lib
 from fedreid_jax.federated import sampling
 from fedreid_jax.federated import state as state_lib
+from fedreid_jax.input import plan as plan_lib
 from fedreid_jax.input.train_input import TrainInput
-from fedreid_jax.metric_writer import MetricWriter
+from fedreid_jax.metric_writer import MetricWriter, NullWriter
 from fedreid_jax.models import pretrained
 from fedreid_jax.models.reid import build_model
+from fedreid_jax.round_outputs import (METRICS, disk_full_guard, export_if_best, flatten_eval,
+                                       round_record)
 from fedreid_jax.stop_signals import StopOnSignal
 from fedreid_jax.workdir import workdir_lock
-
-METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
-
 
 class Experiment:
   """Everything built once for a run: data streams, model, compiled round stages.
@@ -55,10 +54,27 @@ class Experiment:
                server_stages=()):
     self.config = cfg = config
     self.spec = rounds_lib.algorithm_spec(cfg.fed)
+    hosts.check_running(cfg)
     algorithms.check_input(cfg, self.spec, clients_data, public)
-    self.tests = [streamed_lib.StreamedTestSet.from_client(c, tuple(cfg.data.image_size))
+    rows = 1 if self.spec.centralised else len(clients_data)  # clients in the state
+    self.num_selected = sampling.num_selected(cfg.fed.clients_per_round, rows)
+    devices = device_queues.queue_devices(cfg.fed.num_devices)
+    # `devices`, every client selected: the client state split over a `clients` mesh
+    # from the start (over the most devices dividing the client count; every host's)
+    self.state_mesh = (device_queues.state_mesh(
+        rows, self.num_selected, jax.devices() if hosts.is_multihost() else devices,
+        [plan_lib.num_steps(len(c.train), cfg.train.batch_size, cfg.train.local_epochs)
+         for c in clients_data] if rows == len(clients_data) else None)
+                       if cfg.fed.strategy == "devices" else None)
+    # the clients whose rows this host holds: it reads their data and evaluates them
+    self.own = (set(device_queues.lanes_by_host(jax.sharding.NamedSharding(
+        self.state_mesh, jax.sharding.PartitionSpec(device_queues.AXIS)),
+        rows)[jax.process_index()]) if hosts.is_multihost() else set(range(len(clients_data))))
+    self.tests = [None if i not in self.own else
+                  streamed_lib.StreamedTestSet.from_client(c, tuple(cfg.data.image_size))
                   if cfg.eval.streamed else features_lib.load_test_set(c, tuple(cfg.data.image_size))
-                  for c in clients_data]
+                  for i, c in enumerate(clients_data)]
+    self.test_names = [c.name for c in clients_data]
     if self.spec.centralised:
       clients_data = [scenarios.merged(clients_data)]
     self.clients_data = clients_data
@@ -72,16 +88,10 @@ class Experiment:
           f"{cfg.train.batch_size}; lower the batch size or drop them via config.data.clients")
     self.model = build_model(cfg.model, int(num_classes.max()))
     self.tx = local_lib.make_optimizer(cfg.train)
-    self.num_selected = sampling.num_selected(cfg.fed.clients_per_round, len(clients_data))
     local_step = local_lib.make_local_step(self.model, self.tx, cfg.train)
-    devices = device_queues.queue_devices(cfg.fed.num_devices)
     self.execute = execution.make_execution(
         cfg.fed.strategy, local_step, cfg.fed.chunk_steps,
         execution.make_mesh(cfg.fed.strategy, self.num_selected, cfg.fed.num_devices), devices)
-    # `devices`, every client selected: the client state split over a `clients` mesh
-    # from the start (over the most devices dividing the client count)
-    self.state_mesh = (device_queues.state_mesh(len(clients_data), self.num_selected, devices)
-                       if cfg.fed.strategy == "devices" else None)
     parts = algorithms.make_parts(self.spec, cfg, self.model)
     self.received_stats = parts.received_stats
     self.stages = rounds_lib.make_round_stages(
@@ -118,7 +128,7 @@ class Experiment:
   def check_finite(self, round_index: int, record: dict) -> None:
     """Raises TrainingDiverged naming the round and the client(s) whose loss,
     parameters or BatchNorm statistics are no longer finite."""
-    server_ok, clients_ok = (np.asarray(x) for x in self._finite(self.server, self.clients))
+    server_ok, clients_ok = hosts.to_host(self._finite(self.server, self.clients))
     names = [c.name for c in self.clients_data]
     bad = sorted({n for n, ok in zip(names, clients_ok) if not ok} |
                  {n for n in names if not np.isfinite(record.get(f"client/{n}/loss", 0.0))})
@@ -147,7 +157,8 @@ class Experiment:
       order = jnp.asarray(sampling.round_order(cfg.seed, round_index, len(ids)))
       selected = algorithms.with_received_stats(
           selected, self.received_stats(self.server, batch["image"], order))
-    streams = [self.inputs.stream(int(c), round_index) for c in ids]
+    streams = [self.inputs.stream(int(c), round_index) if int(c) in self.own else None
+               for c in ids]  # several hosts: each reads its own clients' data
     trained, metrics = self.execute(selected, streams, [self.inputs.num_steps(int(c)) for c in ids],
                                     on_steps)
     measured = {}
@@ -159,7 +170,7 @@ class Experiment:
     self.server = self.stages.aggregate(self.server, trained, weights, first)
     self.clients = self.stages.scatter(self.clients, trained, ids_dev)
     names = [self.clients_data[c].name for c in ids]
-    record = round_record(names, metrics, measured, weights)
+    record = round_record(names, metrics, measured, hosts.to_host(weights))
     record.update(getattr(self.execute, "report", dict)())  # `devices`: the schedule
     record.update(self.run_server_stages(round_index, ids_dev))
     return record
@@ -188,16 +199,16 @@ class Experiment:
     as `<examples_dir>/<client>.npz`."""
     out = {}
     path = lambda t: os.path.join(examples_dir, f"{t.name}.npz") if examples_dir else None
-    if self.spec.shares:
-      variables, cache = rounds_lib.global_variables(self.server), {}  # one model: dedup
-      out["global"] = {t.name: self.evaluate_model(variables, t, path(t), cache)
-                       for t in self.tests}
+    own = [(i, t) for i, t in enumerate(self.tests) if t is not None]  # this host's clients
+    if self.spec.shares:  # one model (this host's copy): features deduplicated
+      variables, cache = hosts.local_copy(rounds_lib.global_variables(self.server)), {}
+      out["global"] = {t.name: self.evaluate_model(variables, t, path(t), cache) for _, t in own}
     if (client_models and not self.spec.centralised) or not self.spec.shares:
       client_path = path if not self.spec.shares else lambda t: None
-      out["client"] = {t.name: self.evaluate_model(
-          rounds_lib.client_variables(self.clients, i), t, client_path(t))
-          for i, t in enumerate(self.tests)}
-    return out
+      out["client"] = {t.name: self.evaluate_model(rounds_lib.client_variables(
+          device_queues.local_row(self.clients, i)), t, client_path(t)) for i, t in own}
+    return {kind: hosts.gather_per_client(per_client, self.test_names)
+            for kind, per_client in out.items()}
 
   def evaluate_model(self, variables, test, examples_path=None, cache=None) -> dict:
     """One model on one client's test set, streamed (`eval.streamed`) or in memory."""
@@ -210,74 +221,9 @@ class Experiment:
                                        cfg.eval.batch_size, examples_path)
 
 
-def round_record(names, metrics: dict, measured: dict, weights) -> dict[str, float]:
-  """A round's named per-client arrays `[S]` -> the flat record that is logged:
-  `train/<metric>` (step-weighted means; `steps` summed; `padding_waste` =
-  step slots computed / real steps) and `client/<name>/<metric>` (also each
-  measurement and the normalised aggregation `weight`)."""
-  m = {k: np.asarray(v, np.float64) for k, v in metrics.items()}
-  steps = m.pop("steps")
-  slots = m.pop("slots")
-  total = max(float(steps.sum()), 1.0)
-  record = {f"train/{k}": float((v * steps).sum() / total) for k, v in m.items()}
-  record["train/steps"] = float(steps.sum())
-  record["train/padding_waste"] = float(slots.sum() / total)
-  per_client = dict(m, steps=steps, **{k: np.asarray(v) for k, v in measured.items()})
-  w = np.asarray(weights, np.float64)
-  per_client["weight"] = w / w.sum()
-  for key, values in per_client.items():
-    for name, value in zip(names, values):
-      record[f"client/{name}/{key}"] = float(value)
-  return record
-
-
-def flatten_eval(results: dict, global_prefix: str = "eval") -> dict[str, float]:
-  prefixes = {"global": global_prefix, "client": "eval_client"}
-  return {f"{prefixes[kind]}/{name}/{m}": v[m]
-          for kind, per_client in results.items() for name, v in per_client.items() for m in METRICS}
-
-
-def export_if_best(exp: Experiment, config, workdir: str, round_done: int, results: dict) -> None:
-  """Exports the global model to <workdir>/export_best when its mean
-  `config.eval.best_metric` over clients beats every earlier evaluation
-  (`export_best/model.json` records the score and round)."""
-  if "global" not in results:
-    return
-  metric = config.eval.best_metric
-  score = float(np.mean([v[metric] for v in results["global"].values()]))
-  folder = os.path.join(workdir, "export_best")
-  meta_path = os.path.join(folder, "model.json")
-  if os.path.exists(meta_path):
-    with open(meta_path, encoding="utf-8") as f:
-      if json.load(f).get("score", -1.0) >= score:
-        return
-  export_lib.save(folder, config.model, config.data.image_size,
-                  rounds_lib.global_variables(exp.server),
-                  {"algorithm": config.fed.algorithm, "round": round_done, "metric": metric,
-                   "score": score, "data": config.data.name})
-  logging.info("round %d: best mean %s so far (%.1f%%), exported to %s", round_done, metric,
-               100 * score, folder)
-
-
-@contextlib.contextmanager
-def disk_full_guard(workdir: str, stop):
-  """Turns 'no space left on device' anywhere in the loop into one line that
-  says what to do and where the run will resume."""
-  try:
-    yield
-  except OSError as e:
-    err = e
-    while err is not None and getattr(err, "errno", None) != errno.ENOSPC:
-      err = err.__cause__ or err.__context__
-    if err is None:
-      raise
-    where = getattr(err, "filename", None) or workdir
-    raise DiskFull(f"no space left on device while writing {where}; free space and rerun the "
-                   f"same command: it resumes from round {stop.last_saved}") from e
-
-
 def steps_per_round(exp: Experiment, round_index: int) -> int:
-  return sum(exp.inputs.num_steps(int(c)) for c in exp.selected(round_index))
+  """This host's local steps in the round (its progress bar's total)."""
+  return sum(exp.inputs.num_steps(int(c)) for c in exp.selected(round_index) if int(c) in exp.own)
 
 
 def run(config, workdir: str, clients_data=None, public=None) -> dict:
@@ -288,7 +234,7 @@ def run(config, workdir: str, clients_data=None, public=None) -> dict:
   input leaves no trace that would block the corrected command."""
   config_lib.validate(config)
   config_lib.check_workdir(workdir)
-  with workdir_lock(workdir):
+  with workdir_lock(workdir) if hosts.is_main() else contextlib.nullcontext():
     return _run_locked(config, workdir, clients_data, public)
 
 
@@ -313,12 +259,14 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
     raise
   if start:
     logging.info("resumed from %s after round %d", workdir, start)
-  run_config.record_changes(workdir, saved, now, start)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json(indent=2))
-  writer = MetricWriter(workdir, resume_round=start)
+  main = hosts.is_main()  # process 0 writes the workdir's files; every process checkpoints
+  if main:
+    run_config.record_changes(workdir, saved, now, start)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))
+  writer = MetricWriter(workdir, resume_round=start) if main else NullWriter()
   bar = tqdm.tqdm(total=config.fed.rounds, initial=start, desc=f"{config.fed.algorithm} rounds",
-                  unit="round")
+                  unit="round", disable=not main)
   results = {}
   stop = StopOnSignal(last_saved=start)
   try:
@@ -326,11 +274,12 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
       _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, results)
       if not results:  # resumed a finished run: evaluate the restored state
         results.update(exp.evaluate(config.eval.client_models))
-      with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-      if exp.spec.shares:  # the global feature extractor, without training state
+      if main:
+        with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+          json.dump(results, f, indent=2)
+      if exp.spec.shares and main:  # the global feature extractor, without training state
         export_lib.save(os.path.join(workdir, "export"), config.model, config.data.image_size,
-                        rounds_lib.global_variables(exp.server),
+                        rounds_lib.global_variables(hosts.local_copy(exp.server)),
                         {"algorithm": config.fed.algorithm, "rounds": config.fed.rounds,
                          "data": config.data.name})
   finally:
@@ -348,7 +297,7 @@ def _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, resul
   for r in range(start, rounds):
     t0 = time.time()
     with tqdm.tqdm(total=steps_per_round(exp, r), desc=f"round {r + 1} local steps",
-                   unit="step", leave=False) as steps_bar:
+                   unit="step", leave=False, disable=not hosts.is_main()) as steps_bar:
       record = exp.train_round(r, steps_bar.update)
     record["train/round_seconds"] = time.time() - t0
     writer.write(r + 1, "train", record)
@@ -377,7 +326,10 @@ def _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, resul
         mean_r1 = np.mean([v["rank1"] for v in per_client.values()])
         logging.info("round %d eval (%s models): mean rank-1 %.1f%%", r + 1, kind, 100 * mean_r1)
       writer.write(r + 1, "eval", record)
-      export_if_best(exp, config, workdir, r + 1, results)
+      if hosts.is_main():
+        export_if_best(hosts.local_copy(exp.server), config, workdir, r + 1, results)
+    if hosts.any_host(bool(stop.requested)) and not stop.requested:  # a signal elsewhere
+      stop.requested = "a stop signal on another host"
     if (r + 1) % config.checkpoint_every == 0 or last or stop.requested:
       checkpoint.save(manager, r + 1, (exp.server, exp.clients))
       stop.last_saved = r + 1

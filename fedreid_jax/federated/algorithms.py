@@ -44,9 +44,25 @@ def with_received_stats(selected, stats):
   return selected._replace(batch_stats=params_lib.merge_trees(selected.batch_stats, stats))
 
 
+def check_hosts(config, spec) -> None:
+  """What a run over several hosts (`jax.process_count() > 1`) cannot do yet."""
+  if jax.process_count() == 1:
+    return
+  why = ("config.fed.strategy must be 'devices' (each host trains the clients its devices "
+         "hold)" if config.fed.strategy != "devices" else
+         "the CDW algorithms measure every client on one batch of its data in one step"
+         if spec.cdw else "centralised trains one client" if spec.centralised else "")
+  if why:
+    raise ConfigError(f"config.fed.algorithm={config.fed.algorithm!r} with "
+                      f"fed.strategy={config.fed.strategy!r} over {jax.process_count()} hosts: "
+                      f"{why}; run it on one host (config.hosts.num_processes=1)")
+
+
 def check_input(config, spec, clients_data, public) -> None:
   """Bad input for the algorithm's parts, before anything is built: a KD run
-  without a public set, a CDW batch larger than the smallest client."""
+  without a public set, a CDW batch larger than the smallest client, what
+  several hosts cannot run."""
+  check_hosts(config, spec)
   if spec.kd and public is None:
     raise DatasetNotPrepared(
         f"config.fed.algorithm={config.fed.algorithm!r} distils on the server's public set, "

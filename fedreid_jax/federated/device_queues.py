@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fedreid_jax import hosts
 from fedreid_jax.errors import ConfigError
 from fedreid_jax.federated import execution
 from fedreid_jax.federated import params as params_lib
@@ -67,24 +68,85 @@ def schedule_report(num_steps: Sequence[int], queues: Sequence[Sequence[int]]) -
 
 
 def queue_devices(num_devices: int = 0) -> list:
-  """The first `num_devices` devices (0: all); ConfigError when fewer are present."""
-  devices = jax.devices()
+  """The first `num_devices` devices (0: all) of this process; ConfigError when
+  fewer are present. On several hosts a process queues clients on its own devices."""
+  devices = jax.local_devices()
   if num_devices > len(devices):
     raise ConfigError(f"config.fed.num_devices={num_devices} but only {len(devices)} "
                       f"device(s) are present ({devices[0].platform}); lower it, or 0 for all")
   return devices[:num_devices or len(devices)]
 
 
-def state_mesh(num_clients: int, num_selected: int, devices: Sequence) -> jax.sharding.Mesh | None:
+def spread_over_hosts(n: int, devices: Sequence) -> list | None:
+  """`n` of `devices`, as evenly over their hosts as they go (host by host; the
+  first `n % hosts` hosts give one more); None when some host would get none or
+  more than it has. On one host: the first `n`."""
+  by_host: dict[int, list] = {}
+  for d in devices:
+    by_host.setdefault(d.process_index, []).append(d)
+  if len(by_host) == 1:
+    return list(devices[:n])
+  counts = [n // len(by_host) + (i < n % len(by_host)) for i in range(len(by_host))]
+  if min(counts) == 0 or any(c > len(ds) for c, ds in zip(counts, by_host.values())):
+    return None
+  return [d for c, ds in zip(counts, by_host.values()) for d in ds[:c]]
+
+
+def state_mesh(num_clients: int, num_selected: int, devices: Sequence,
+               num_steps: Sequence[int] | None = None) -> jax.sharding.Mesh | None:
   """A 1-D `clients` mesh over the most devices (of `devices`) dividing the
   client count, when every client is selected each round; None when that is
   one device, or with client sampling (selecting an arbitrary subset of a
-  split client axis, and writing it back, makes XLA all-gather the state)."""
-  n = max(d for d in range(1, len(devices) + 1) if num_clients % d == 0)
-  if n == 1 or num_selected != num_clients:
+  split client axis, and writing it back, makes XLA all-gather the state).
+  Over several hosts (`devices` = every host's) the mesh spans every host,
+  or a ConfigError says why it cannot; given the clients' `num_steps`, the
+  blocks of rows are dealt to hosts by load (`balance_blocks`)."""
+  hosts = len({d.process_index for d in devices})
+  if hosts > 1 and num_selected != num_clients:
+    raise ConfigError(f"a run over {hosts} hosts trains every client each round; set "
+                      "config.fed.clients_per_round=0 (client sampling runs on one host)")
+  fits = [d for d in range(1, len(devices) + 1)
+          if num_clients % d == 0 and spread_over_hosts(d, devices) is not None]
+  if not fits:
+    raise ConfigError(
+        f"{num_clients} clients cannot be split over {hosts} hosts: the client state needs a "
+        f"divisor of {num_clients} between {hosts} and {len(devices)} (the devices present) "
+        "to give every host clients; change the client count (config.data.clients) or the "
+        "number of hosts")
+  n = max(fits)
+  if hosts == 1 and (n == 1 or num_selected != num_clients):
     return None
-  return jax.make_mesh((n,), (AXIS,), devices=list(devices[:n]),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  chosen = spread_over_hosts(n, devices)
+  if hosts > 1 and num_steps is not None:
+    chosen = balance_blocks(chosen, num_steps, len(devices) // hosts)
+  return jax.make_mesh((n,), (AXIS,), devices=chosen, axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def balance_blocks(devices: Sequence, num_steps: Sequence[int], devices_per_host: int) -> list:
+  """`devices` reordered so that the client blocks (mesh position i holds rows
+  `[i * k, (i + 1) * k)`) go to hosts by load: blocks heaviest first, each to
+  the host whose longest-first makespan over its own devices would grow least,
+  among hosts with a free slot. The mesh still has each host's same devices;
+  only which rows they hold changes (so the paper's MSMT17 shares no host with
+  the other big clients)."""
+  k = len(num_steps) // len(devices)
+  blocks = [list(range(i * k, (i + 1) * k)) for i in range(len(devices))]
+  slots: dict[int, list] = {}
+  for d in devices:
+    slots.setdefault(d.process_index, []).append(d)
+  held: dict[int, list[int]] = {h: [] for h in slots}
+  order = [None] * len(devices)
+
+  def makespan(rows):
+    steps = [num_steps[r] for r in rows]
+    return max(sum(steps[i] for i in q) for q in longest_first(steps, devices_per_host))
+
+  for b in sorted(range(len(blocks)), key=lambda b: (-sum(num_steps[r] for r in blocks[b]), b)):
+    free = [h for h in slots if len(held[h]) < len(slots[h]) * k]
+    h = min(free, key=lambda h: (makespan(held[h] + blocks[b]), h))
+    order[b] = slots[h][len(held[h]) // k]
+    held[h] += blocks[b]
+  return order
 
 
 def placed_init(init_fn, key, mesh: jax.sharding.Mesh | None, device):
@@ -124,6 +186,33 @@ def row_blocks(tree) -> list[tuple] | None:
   return [(d, start, stop, jax.tree.unflatten(treedef, blocks[d])) for d, start, stop in layout]
 
 
+def local_row(tree, index: int):
+  """Row `index` of a client-axis tree, read from this host's device that holds it
+  (several hosts: a host reads only the clients it holds)."""
+  blocks = row_blocks(tree)
+  if blocks is None:
+    return params_lib.take_client(tree, index)
+  _, start, _, block = next(b for b in blocks if b[1] <= index < b[2])
+  return params_lib.take_client(block, index - start)
+
+
+def lanes_by_host(sharding: jax.sharding.Sharding, num_rows: int) -> dict[int, list[int]]:
+  """{process index: the rows (clients) its devices hold}, from the sharding of
+  a `[S, ...]` client leaf (every host computes every host's)."""
+  out: dict[int, set] = {}
+  for device, index in sharding.devices_indices_map((num_rows,)).items():
+    out.setdefault(device.process_index, set()).update(range(*index[0].indices(num_rows)))
+  return {h: sorted(rows) for h, rows in out.items()}
+
+
+def host_queues(num_steps: Sequence[int], lanes: dict[int, list[int]],
+                devices_per_host: int) -> dict[int, list[list[int]]]:
+  """{host: its longest-first queues of the clients it holds, one per device}."""
+  return {h: [[held[i] for i in q] for q in
+              longest_first([num_steps[c] for c in held], devices_per_host)]
+          for h, held in lanes.items()}
+
+
 class DeviceQueues:
   """`devices`: longest-first queues of whole clients, one per device."""
 
@@ -145,14 +234,20 @@ class DeviceQueues:
     layout = None
     blocks = row_blocks(selected)
     if blocks is None:  # an unexpected layout: through the first device, and back
+      if not jax.tree.leaves(selected)[0].is_fully_addressable:
+        raise ValueError("the client state over several hosts must be split along its "
+                         "client axis (device_queues.state_mesh)")
       layout = jax.tree.map(lambda x: x.sharding, selected)
       selected = jax.device_put(selected, self.devices[0])
       blocks = row_blocks(selected)
-    queues = longest_first(num_steps, len(self.devices))
-    self.last_report = schedule_report(num_steps, queues)
+    leaf = jax.tree.leaves(selected)[0]
+    every_host = host_queues(num_steps, lanes_by_host(leaf.sharding, leaf.shape[0]),
+                             len(self.devices))
+    self.last_report = schedule_report(num_steps, [q for h in sorted(every_host)
+                                                   for q in every_host[h]])
     done: dict[int, tuple] = {}
     runs = [self._run_queue(dev, q, blocks, streams, num_steps, done)
-            for dev, q in zip(self.devices, queues) if q]
+            for dev, q in zip(self.devices, every_host[jax.process_index()]) if q]
     while runs:  # one dispatch per device in turn: the devices overlap
       for run in list(runs):
         length = next(run, None)
@@ -164,8 +259,12 @@ class DeviceQueues:
                              selected)
     if layout is not None:
       trained = jax.device_put(trained, layout)
-    sums = [jax.device_get(done[lane][1]) for lane in range(len(num_steps))]
-    stacked = {k: jnp.asarray(np.stack([s[k] for s in sums]), jnp.float32) for k in sums[0]}
+    sums = np.zeros((3, len(num_steps)))  # this host's clients; the others' are zeros
+    for lane, (_, lane_sums) in done.items():
+      sums[:, lane] = [float(v) for v in jax.device_get(
+          [lane_sums["loss"], lane_sums["accuracy"], lane_sums["steps"]])]
+    sums = hosts.sum_over_hosts(sums)
+    stacked = {k: jnp.asarray(v, jnp.float32) for k, v in zip(("loss", "accuracy", "steps"), sums)}
     return trained, execution._means(stacked, num_steps)
 
   def _run_queue(self, device, queue, blocks, streams, num_steps, done):
@@ -193,7 +292,7 @@ class DeviceQueues:
     per_device = {dev: self._stack(*[jax.device_put(trained[lane], dev)
                                      for lane in range(start, stop)])
                   for dev, start, stop, _ in blocks}
-    if len(per_device) == 1:
+    if len(jax.tree.leaves(like)[0].sharding.device_set) == 1:
       return next(iter(per_device.values()))
     leaves, treedef = jax.tree.flatten(like)
     parts = [jax.tree.leaves(per_device[dev]) for dev, *_ in blocks]

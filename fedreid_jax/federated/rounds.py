@@ -197,9 +197,10 @@ def global_variables(server: ServerState):
   return {"params": server.params, "batch_stats": server.batch_stats}
 
 
-def client_variables(clients: ClientStates, index: int):
-  """Client `index`'s own model (backbone + embedding), for local evaluation."""
+def client_variables(clients: ClientStates, index: int | None = None):
+  """Client `index`'s own model (backbone + embedding), for local evaluation;
+  `index` None: `clients` is one client's state (no client axis)."""
   shared = params_lib.prefix_predicate(FEATURE_EXTRACTOR)
-  one = params_lib.take_client(clients, index)
+  one = clients if index is None else params_lib.take_client(clients, index)
   return {"params": params_lib.split_tree(one.params, shared)[0],
           "batch_stats": params_lib.split_tree(one.batch_stats, shared)[0]}

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-IMAGENET_MEAN = jnp.array([0.485, 0.456, 0.406], jnp.float32) * 255.0
-IMAGENET_STD = jnp.array([0.229, 0.224, 0.225], jnp.float32) * 255.0
+# numpy, not jnp: importing the package must not start a backend (jax.distributed
+# has to be initialised first on several hosts)
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * np.float32(255.0)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * np.float32(255.0)
 
 
 def normalize(images: jax.Array) -> jax.Array:
