@@ -127,6 +127,7 @@ from fedreid_jax.errors import ConfigError
 num_processes, process_id, port, workdir, rounds = sys.argv[1:6]
 NINE = ((4, 12), (4, 8), (3, 8), (3, 6), (2, 8), (2, 6), (2, 5), (2, 4), (2, 4))
 cfg = fakes.tiny_config(**{"fed.strategy": "devices", "fed.rounds": int(rounds),
+                           "fed.algorithm": "fedpav_kd", "kd.every_rounds": 2,
                            "eval.every_rounds": 1, "eval.client_models": True})
 cfg.hosts.num_processes, cfg.hosts.process_id = int(num_processes), int(process_id)
 cfg.hosts.coordinator_address, cfg.hosts.timeout_s = f"localhost:{port}", 60
@@ -138,7 +139,7 @@ try:
 except ConfigError as e:
   print("CONFIG ERROR", e)
   sys.exit(3)
-results = train.run(cfg, workdir, fakes.fake_clients(NINE), None)
+results = train.run(cfg, workdir, fakes.fake_clients(NINE), fakes.fake_clients()[0].train)
 print("RESULTS", json.dumps(results))
 """
 
@@ -186,9 +187,9 @@ def _gloo_missing() -> str | None:
 
 @pytest.mark.slow
 def test_two_hosts_equal_one_host_with_four_devices(tmp_path):
-  """9 clients, 2 rounds: one process with 4 devices against two processes with
-  2 devices each, the second resuming round 2 from the two hosts' checkpoint of
-  round 1. Round 1's per-client record and evaluation agree to float rounding
+  """FedPav+KD, 9 clients, 2 rounds (KD after round 2): one process with 4
+  devices against two processes with 2 devices each, the second resuming
+  round 2 from the two hosts' checkpoint of round 1. Round 1's per-client record and evaluation agree to float rounding
   (XLA CPU's results differ in the last bit between the two process layouts,
   ~2e-7 in a parameter after one round); round 2's within what that grows to."""
   reason = _gloo_missing()
@@ -212,8 +213,10 @@ def test_two_hosts_equal_one_host_with_four_devices(tmp_path):
       if key not in ("train/makespan_ratio", "train/device_idle"):  # the schedules differ
         assert two_rec[0][key] == pytest.approx(value, rel=rel, abs=abs_), key
     for key, value in one_rec[1].items():  # round 2: after aggregating rounding differences
-      if key.startswith(("eval", "train/loss", "client/")) and key.endswith(("loss", "mAP")):
+      if key.startswith(("eval", "train/loss", "client/", "kd/")) and key.endswith(("loss", "mAP")):
         assert two_rec[1][key] == pytest.approx(value, rel=1e-2, abs=1e-2), key
+  assert "kd/loss" in _records(two_dir, "train")[1]  # KD ran over both hosts
+  assert "eval_before_kd/c0/mAP" in _records(two_dir, "eval")[1]
   assert _records(one_dir, "train")[0]["train/devices"] == 4
   assert _records(two_dir, "train")[0]["train/devices"] == 4
 

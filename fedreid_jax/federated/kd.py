@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedreid_jax import hosts
 from fedreid_jax.federated import local as local_lib
 from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated.state import ServerState
@@ -136,7 +137,7 @@ class Distillation:
       params, stats, opt_state, loss = self._step(params, stats, opt_state, teachers,
                                                   batch["image"], jax.random.fold_in(key, i))
       losses.append(loss)
-    losses = np.asarray(jax.device_get(losses), np.float64)
+    losses = np.asarray(hosts.to_host(losses), np.float64)  # replicated over every host
     metrics = {"kd/loss": float(losses.mean()) if len(losses) else float("nan"),
                "kd/loss_last": float(losses[-1]) if len(losses) else float("nan"),
                "kd/steps": float(len(losses))}
