@@ -150,8 +150,8 @@ class Experiment:
     ids = self.selected(round_index)
     ids_dev = jnp.asarray(ids, jnp.int32)
     selected = self.stages.broadcast(self.server, self.clients, ids_dev)
-    batch = (self.inputs.measurement_batch([int(c) for c in ids], round_index,
-                                           cfg.cdw.batch_size)
+    own_ids = [int(c) for c in ids if int(c) in self.own]  # all, on one host
+    batch = (self.inputs.measurement_batch(own_ids, round_index, cfg.cdw.batch_size)
              if self.stages.measure is not None else None)
     if self.received_stats is not None:  # reference CDW: statistics changed in flight
       order = jnp.asarray(sampling.round_order(cfg.seed, round_index, len(ids)))
@@ -164,7 +164,11 @@ class Experiment:
     measured = {}
     if batch is not None:
       before = self.stages.broadcast(self.server, self.clients, ids_dev)
-      measured, trained = self.stages.measure(before, trained, batch["image"], batch["label"])
+      if self.state_mesh is not None:  # split state: each client measured where it lives
+        measured, trained = self.execute.measure(self.stages.measure_one, before, trained, {
+            c: (batch["image"][k], batch["label"][k]) for k, c in enumerate(own_ids)})
+      else:
+        measured, trained = self.stages.measure(before, trained, batch["image"], batch["label"])
     weights = self.stages.weights(trained, measured)
     first = jnp.int32(sampling.first_client(cfg.seed, round_index, len(ids)))
     self.server = self.stages.aggregate(self.server, trained, weights, first)

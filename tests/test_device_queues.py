@@ -166,3 +166,48 @@ def test_devices_strategy_equals_serial_on_1_2_4_devices():
   print(out.stdout)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   assert out.stdout.strip().endswith("ok")
+
+
+CDW_FOUR_DEVICES = """
+import sys
+sys.path.insert(0, "tests")
+import jax
+import numpy as np
+import fakes
+from fedreid_jax import train
+from fedreid_jax.federated.tracing import TRACE_COUNTS
+assert jax.device_count() == 4
+FOUR = ((4, 10), (3, 6), (2, 8), (2, 12))
+out = {}
+for strategy in ("serial", "devices"):
+  cfg = fakes.tiny_config(**{"fed.strategy": strategy, "fed.algorithm": "fedpav_cdw"})
+  exp = train.Experiment(cfg, fakes.fake_clients(FOUR))
+  TRACE_COUNTS.clear()
+  out[strategy] = (exp, exp.train_round(0), dict(TRACE_COUNTS))
+(serial, rec_s, traces_s), (devices, rec_d, traces_d) = out["serial"], out["devices"]
+assert devices.state_mesh.devices.size == 4
+assert "measure" in traces_s and "measure" not in traces_d and traces_d["measure_one"] == 1, traces_d
+for key in rec_s:
+  if key.startswith("client/") and key.endswith(("/cdw_distance", "/weight")):
+    assert abs(rec_s[key] - rec_d[key]) <= 1e-6 + 1e-5 * abs(rec_s[key]), (key, rec_s[key], rec_d[key])
+worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+    jax.tree.leaves(serial.server.params), jax.tree.leaves(devices.server.params)))
+print("cdw weights", [round(rec_d[f"client/c{i}/weight"], 4) for i in range(4)], "max |diff|", worst)
+assert worst < 1e-6
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_devices_strategy_measures_cdw_where_each_client_lives():
+  """FedPav+CDW on 4 virtual devices, the client state split over them: each
+  client is measured on its own device (the whole-round measure stage, which
+  over a split client axis compiles to all-gathers of every client's state, is
+  never traced); distances, weights and the server equal `serial`'s."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  out = subprocess.run([sys.executable, "-c", CDW_FOUR_DEVICES], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1800)
+  print(out.stdout)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  assert out.stdout.strip().endswith("ok")

@@ -127,7 +127,7 @@ from fedreid_jax.errors import ConfigError
 num_processes, process_id, port, workdir, rounds = sys.argv[1:6]
 NINE = ((4, 12), (4, 8), (3, 8), (3, 6), (2, 8), (2, 6), (2, 5), (2, 4), (2, 4))
 cfg = fakes.tiny_config(**{"fed.strategy": "devices", "fed.rounds": int(rounds),
-                           "fed.algorithm": "fedpav_kd", "kd.every_rounds": 2,
+                           "fed.algorithm": "fedpav_kd_cdw", "kd.every_rounds": 2,
                            "eval.every_rounds": 1, "eval.client_models": True})
 cfg.hosts.num_processes, cfg.hosts.process_id = int(num_processes), int(process_id)
 cfg.hosts.coordinator_address, cfg.hosts.timeout_s = f"localhost:{port}", 60
@@ -187,7 +187,7 @@ def _gloo_missing() -> str | None:
 
 @pytest.mark.slow
 def test_two_hosts_equal_one_host_with_four_devices(tmp_path):
-  """FedPav+KD, 9 clients, 2 rounds (KD after round 2): one process with 4
+  """FedPav+KD+CDW, 9 clients, 2 rounds (KD after round 2): one process with 4
   devices against two processes with 2 devices each, the second resuming
   round 2 from the two hosts' checkpoint of round 1. Round 1's per-client record and evaluation agree to float rounding
   (XLA CPU's results differ in the last bit between the two process layouts,
@@ -216,6 +216,8 @@ def test_two_hosts_equal_one_host_with_four_devices(tmp_path):
       if key.startswith(("eval", "train/loss", "client/", "kd/")) and key.endswith(("loss", "mAP")):
         assert two_rec[1][key] == pytest.approx(value, rel=1e-2, abs=1e-2), key
   assert "kd/loss" in _records(two_dir, "train")[1]  # KD ran over both hosts
+  weights = [_records(two_dir, "train")[0][f"client/c{i}/weight"] for i in range(9)]
+  assert sum(weights) == pytest.approx(1.0) and len(set(weights)) == 9  # CDW, from both hosts
   assert "eval_before_kd/c0/mAP" in _records(two_dir, "eval")[1]
   assert _records(one_dir, "train")[0]["train/devices"] == 4
   assert _records(two_dir, "train")[0]["train/devices"] == 4

@@ -50,8 +50,9 @@ def check_hosts(config, spec) -> None:
     return
   why = ("config.fed.strategy must be 'devices' (each host trains the clients its devices "
          "hold)" if config.fed.strategy != "devices" else
-         "the CDW algorithms measure every client on one batch of its data in one step"
-         if spec.cdw else "centralised trains one client" if spec.centralised else "")
+         "the reference CDW chains BatchNorm statistics through every client (use "
+         "cdw.mode='default')" if spec.cdw and config.cdw.mode == "reference" else
+         "centralised trains one client" if spec.centralised else "")
   if why:
     raise ConfigError(f"config.fed.algorithm={config.fed.algorithm!r} with "
                       f"fed.strategy={config.fed.strategy!r} over {jax.process_count()} hosts: "

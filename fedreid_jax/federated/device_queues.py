@@ -267,6 +267,33 @@ class DeviceQueues:
     stacked = {k: jnp.asarray(v, jnp.float32) for k, v in zip(("loss", "accuracy", "steps"), sums)}
     return trained, execution._means(stacked, num_steps)
 
+  def measure(self, measure_one, before, after, batches: dict[int, tuple]):
+    """Each client measured on the device holding its row (no client state
+    moves; a host measures the clients it holds): `measure_one(before_i,
+    after_i, images_i, labels_i) -> ({name: scalar}, after_i)`; `batches`:
+    {client: (images `[B, H, W, 3]`, labels `[B]`)} of this host's clients.
+    Returns ({name: `[S]` numpy, every host's}, after in its layout)."""
+    blocks_before, blocks_after = row_blocks(before), row_blocks(after)
+    if blocks_before is None or blocks_after is None:
+      raise ValueError("measure expects the client state split along its client axis")
+    values, measured = {}, {}
+    for (device, start, stop, block_after), (_, _, _, block_before) in zip(
+        blocks_after, blocks_before):
+      for lane in range(start, stop):
+        if lane in measured or lane not in batches:
+          continue
+        images, labels = (jax.device_put(x, device) for x in batches[lane])
+        values[lane], measured[lane] = measure_one(
+            self._take(block_before, lane - start), self._take(block_after, lane - start),
+            images, labels)
+    num = jax.tree.leaves(after)[0].shape[0]
+    names = sorted(next(iter(values.values())))
+    table = np.zeros((len(names), num))
+    for lane, v in values.items():
+      table[:, lane] = [float(v[k]) for k in names]
+    table = hosts.sum_over_hosts(table)
+    return dict(zip(names, table)), self._assemble(blocks_after, measured, after)
+
   def _run_queue(self, device, queue, blocks, streams, num_steps, done):
     """Trains `queue`'s clients on `device`, one after another; yields the
     steps of each dispatched piece; `done[lane] = (state, metric sums)`."""

@@ -155,6 +155,19 @@ def measure(before: ClientStates, after: ClientStates, images: jax.Array, labels
   return out, after
 
 
+def measure_one(before: ClientStates, after: ClientStates, images: jax.Array,
+                labels: jax.Array, measurements: Mapping[str, Measurement]):
+  """`measure` for one client (leaves without the client axis): ({name: scalar},
+  after). The `devices` strategy runs it on the device holding the client."""
+  out = {}
+  for name, fn in measurements.items():
+    result = fn(before, after, images, labels)
+    if isinstance(result, tuple):
+      result, after = result
+    out[name] = result
+  return out, after
+
+
 class RoundStages(NamedTuple):
   """The compiled stages of one run (see the module docstring)."""
   broadcast: Callable  # (server, clients, ids [S]) -> selected [S, ...]
@@ -163,6 +176,7 @@ class RoundStages(NamedTuple):
   aggregate: Callable  # (server, trained, weights, first_client) -> server
   scatter: Callable  # (clients, trained, ids) -> clients
   server_stages: tuple[ServerStage, ...]
+  measure_one: Callable | None = None  # (before, after, images [B, ...], labels [B]) of one client
 
 
 def make_round_stages(spec: AlgorithmSpec, tx: optax.GradientTransformation,
@@ -189,7 +203,10 @@ def make_round_stages(spec: AlgorithmSpec, tx: optax.GradientTransformation,
       aggregate=jit_counted("aggregate", lambda s, t, w, f: aggregate(s, t, w, f, spec)),
       scatter=(lambda clients, trained, ids: trained) if rows else
       jit_counted("scatter", scatter, donate_argnums=0),
-      server_stages=tuple(server_stages))
+      server_stages=tuple(server_stages),
+      measure_one=(jit_counted("measure_one", lambda b, a, x, y: measure_one(b, a, x, y,
+                                                                          measurements))
+                   if measurements else None))
 
 
 def global_variables(server: ServerState):
