@@ -153,19 +153,24 @@ print("ok")
 """
 
 
+def _run_on_four_devices(script: str) -> None:
+  """Runs `script` in a process with 4 virtual CPU devices; it must end printing ok."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1800)
+  print(out.stdout)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  assert out.stdout.strip().endswith("ok")
+
+
 @pytest.mark.slow
 def test_devices_strategy_equals_serial_on_1_2_4_devices():
   """4 clients on 1, 2, 4 devices (state split over the devices) and 9 clients
   on 4 devices (uneven queues; state split over 3): the same clients, server
   and metrics as `serial`, no retrace in a later round, a checkpoint restored
   onto the split layout; 3 of 4 clients sampled on 4 devices."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  out = subprocess.run([sys.executable, "-c", FOUR_DEVICES], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=1800)
-  print(out.stdout)
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-  assert out.stdout.strip().endswith("ok")
+  _run_on_four_devices(FOUR_DEVICES)
 
 
 CDW_FOUR_DEVICES = """
@@ -204,10 +209,4 @@ def test_devices_strategy_measures_cdw_where_each_client_lives():
   client is measured on its own device (the whole-round measure stage, which
   over a split client axis compiles to all-gathers of every client's state, is
   never traced); distances, weights and the server equal `serial`'s."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  out = subprocess.run([sys.executable, "-c", CDW_FOUR_DEVICES], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=1800)
-  print(out.stdout)
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-  assert out.stdout.strip().endswith("ok")
+  _run_on_four_devices(CDW_FOUR_DEVICES)
