@@ -61,11 +61,12 @@ class Experiment:
     devices = device_queues.queue_devices(cfg.fed.num_devices)
     # `devices`, every client selected: the client state split over a `clients` mesh
     # from the start (over the most devices dividing the client count; every host's)
+    reference_cdw = self.spec.cdw and cfg.cdw.mode == "reference"  # chains [S] statistics
+    split = cfg.fed.strategy == "devices" and not (reference_cdw and self.num_selected < rows)
     self.state_mesh = (device_queues.state_mesh(
-        rows, self.num_selected, jax.devices() if hosts.is_multihost() else devices,
+        rows, jax.devices() if hosts.is_multihost() else devices,
         [plan_lib.num_steps(len(c.train), cfg.train.batch_size, cfg.train.local_epochs)
-         for c in clients_data] if rows == len(clients_data) else None)
-                       if cfg.fed.strategy == "devices" else None)
+         for c in clients_data] if rows == len(clients_data) else None) if split else None)
     # the clients whose rows this host holds: it reads their data and evaluates them
     self.own = (set(device_queues.lanes_by_host(jax.sharding.NamedSharding(
         self.state_mesh, jax.sharding.PartitionSpec(device_queues.AXIS)),
@@ -149,7 +150,10 @@ class Experiment:
     cfg = self.config
     ids = self.selected(round_index)
     ids_dev = jnp.asarray(ids, jnp.int32)
-    selected = self.stages.broadcast(self.server, self.clients, ids_dev)
+    rows = self.state_mesh is not None  # a split state: the selected rows change in place
+    lanes = range(len(self.clients_data)) if rows else [int(c) for c in ids]
+    mask = np.isin(np.arange(len(self.clients_data)), ids)
+    selected = self.stages.broadcast(self.server, self.clients, mask if rows else ids_dev)
     own_ids = [int(c) for c in ids if int(c) in self.own]  # all, on one host
     batch = (self.inputs.measurement_batch(own_ids, round_index, cfg.cdw.batch_size)
              if self.stages.measure is not None else None)
@@ -157,24 +161,28 @@ class Experiment:
       order = jnp.asarray(sampling.round_order(cfg.seed, round_index, len(ids)))
       selected = algorithms.with_received_stats(
           selected, self.received_stats(self.server, batch["image"], order))
-    streams = [self.inputs.stream(int(c), round_index) if int(c) in self.own else None
-               for c in ids]  # several hosts: each reads its own clients' data
-    trained, metrics = self.execute(selected, streams, [self.inputs.num_steps(int(c)) for c in ids],
-                                    on_steps)
+    streams = [self.inputs.stream(c, round_index) if c in own_ids else None
+               for c in lanes]  # several hosts: each reads its own clients' data
+    trained, metrics = self.execute(
+        selected, streams, [self.inputs.num_steps(c) if c in ids else 0 for c in lanes], on_steps)
     measured = {}
     if batch is not None:
-      before = self.stages.broadcast(self.server, self.clients, ids_dev)
-      if self.state_mesh is not None:  # split state: each client measured where it lives
+      before = self.stages.broadcast(self.server, self.clients, mask if rows else ids_dev)
+      if rows:  # each client measured where it lives
         measured, trained = self.execute.measure(self.stages.measure_one, before, trained, {
             c: (batch["image"][k], batch["label"][k]) for k, c in enumerate(own_ids)})
       else:
         measured, trained = self.stages.measure(before, trained, batch["image"], batch["label"])
-    weights = self.stages.weights(trained, measured)
-    first = jnp.int32(sampling.first_client(cfg.seed, round_index, len(ids)))
-    self.server = self.stages.aggregate(self.server, trained, weights, first)
+    weights = hosts.to_host(self.stages.weights(trained, measured)) * (mask if rows else 1)
+    first = int(sampling.first_client(cfg.seed, round_index, len(ids)))
+    self.server = self.stages.aggregate(self.server, trained, weights,
+                                        jnp.int32(ids[first] if rows else first))
     self.clients = self.stages.scatter(self.clients, trained, ids_dev)
+    if rows:  # the record lists the selected clients only
+      metrics, measured, weights = jax.tree.map(lambda v: np.asarray(v)[ids],
+                                                (metrics, measured, weights))
     names = [self.clients_data[c].name for c in ids]
-    record = round_record(names, metrics, measured, hosts.to_host(weights))
+    record = round_record(names, metrics, measured, weights)
     record.update(getattr(self.execute, "report", dict)())  # `devices`: the schedule
     record.update(self.run_server_stages(round_index, ids_dev))
     return record

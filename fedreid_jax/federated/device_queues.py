@@ -92,19 +92,16 @@ def spread_over_hosts(n: int, devices: Sequence) -> list | None:
   return [d for c, ds in zip(counts, by_host.values()) for d in ds[:c]]
 
 
-def state_mesh(num_clients: int, num_selected: int, devices: Sequence,
+def state_mesh(num_clients: int, devices: Sequence,
                num_steps: Sequence[int] | None = None) -> jax.sharding.Mesh | None:
   """A 1-D `clients` mesh over the most devices (of `devices`) dividing the
-  client count, when every client is selected each round; None when that is
-  one device, or with client sampling (selecting an arbitrary subset of a
-  split client axis, and writing it back, makes XLA all-gather the state).
-  Over several hosts (`devices` = every host's) the mesh spans every host,
-  or a ConfigError says why it cannot; given the clients' `num_steps`, the
-  blocks of rows are dealt to hosts by load (`balance_blocks`)."""
+  client count; None when that is one device on one host. With client
+  sampling the state stays split too: each round updates the selected rows in
+  place (`rounds.broadcast_rows`), gathering nothing. Over several hosts
+  (`devices` = every host's) the mesh spans every host, or a ConfigError says
+  why it cannot; given the clients' `num_steps`, the blocks of rows are dealt
+  to hosts by load (`balance_blocks`)."""
   hosts = len({d.process_index for d in devices})
-  if hosts > 1 and num_selected != num_clients:
-    raise ConfigError(f"a run over {hosts} hosts trains every client each round; set "
-                      "config.fed.clients_per_round=0 (client sampling runs on one host)")
   fits = [d for d in range(1, len(devices) + 1)
           if num_clients % d == 0 and spread_over_hosts(d, devices) is not None]
   if not fits:
@@ -114,7 +111,7 @@ def state_mesh(num_clients: int, num_selected: int, devices: Sequence,
         "to give every host clients; change the client count (config.data.clients) or the "
         "number of hosts")
   n = max(fits)
-  if hosts == 1 and (n == 1 or num_selected != num_clients):
+  if hosts == 1 and n == 1:
     return None
   chosen = spread_over_hosts(n, devices)
   if hosts > 1 and num_steps is not None:
@@ -280,7 +277,10 @@ class DeviceQueues:
     for (device, start, stop, block_after), (_, _, _, block_before) in zip(
         blocks_after, blocks_before):
       for lane in range(start, stop):
-        if lane in measured or lane not in batches:
+        if lane in measured:
+          continue
+        if lane not in batches:  # not selected this round: kept as it is
+          measured[lane] = self._take(block_after, lane - start)
           continue
         images, labels = (jax.device_put(x, device) for x in batches[lane])
         values[lane], measured[lane] = measure_one(

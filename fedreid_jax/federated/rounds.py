@@ -118,6 +118,18 @@ def broadcast(server: ServerState, clients: ClientStates, ids: jax.Array, spec: 
                       step=jnp.zeros_like(sel.step))
 
 
+def broadcast_rows(server: ServerState, clients: ClientStates, mask: jax.Array,
+                   spec: AlgorithmSpec, tx: optax.GradientTransformation) -> ClientStates:
+  """Every client's row `[C, ...]`, the selected ones (`mask` `[C]` bool) ready
+  to train as `broadcast` makes them, the others as they were: the selection
+  without a gather (a client axis split over devices stays where it is)."""
+  fresh = broadcast(server, clients, jnp.arange(mask.shape[0]), spec, tx, in_order=True)
+  keep = lambda new, old: jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
+  return fresh._replace(params=jax.tree.map(keep, fresh.params, clients.params),
+                        batch_stats=jax.tree.map(keep, fresh.batch_stats, clients.batch_stats),
+                        opt_state=jax.tree.map(keep, fresh.opt_state, clients.opt_state))
+
+
 def aggregate(server: ServerState, trained: ClientStates, weights: jax.Array,
               first_client: jax.Array, spec: AlgorithmSpec) -> ServerState:
   """Weighted mean of the shared subtree over `trained` `[S, ...]`; the server
@@ -170,7 +182,7 @@ def measure_one(before: ClientStates, after: ClientStates, images: jax.Array,
 
 class RoundStages(NamedTuple):
   """The compiled stages of one run (see the module docstring)."""
-  broadcast: Callable  # (server, clients, ids [S]) -> selected [S, ...]
+  broadcast: Callable  # (server, clients, ids [S]) -> selected [S, ...]; split: (.., mask [C]) -> [C, ...]
   measure: Callable | None  # (before, after, images [S, B, ...], labels [S, B]) -> ({name: [S]}, after)
   weights: Callable  # (trained, measured) -> [S]
   aggregate: Callable  # (server, trained, weights, first_client) -> server
@@ -186,17 +198,19 @@ def make_round_stages(spec: AlgorithmSpec, tx: optax.GradientTransformation,
                       every_client_sharding: jax.sharding.Sharding | None = None
                       ) -> RoundStages:
   """Jits each stage once for the run. `weighting` overrides `spec.weighting`.
-  `every_client_sharding`: every client trains every round (`ids` is always
-  `arange(C)`) and the client axis is split over a mesh this way; broadcast
-  then gathers nothing and keeps each device's rows on it, and scatter is
-  the trained clients themselves: no collective, no device holds them all."""
+  `every_client_sharding`: the client axis is split over a mesh this way and
+  a round updates the selected rows in place: broadcast takes a `[C]` mask
+  (`broadcast_rows`), training and aggregation see every row (unselected
+  ones train no step and weigh 0), and scatter is the trained clients
+  themselves: no gather, no collective, no device holds them all."""
   weighting = weighting or WEIGHTINGS[spec.weighting]
   measurements = dict(measurements or {})
   rows = every_client_sharding is not None
   placed = {"out_shardings": every_client_sharding} if rows else {}
   return RoundStages(
-      broadcast=jit_counted("broadcast", lambda s, c, ids: broadcast(s, c, ids, spec, tx, rows),
-                            **placed),
+      broadcast=(jit_counted("broadcast", lambda s, c, mask: broadcast_rows(s, c, mask, spec, tx),
+                             **placed) if rows else
+                 jit_counted("broadcast", lambda s, c, ids: broadcast(s, c, ids, spec, tx))),
       measure=(jit_counted("measure", lambda b, a, x, y: measure(b, a, x, y, measurements))
                if measurements else None),
       weights=jit_counted("weights", weighting),
