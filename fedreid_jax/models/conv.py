@@ -67,12 +67,19 @@ def im2col(x: jax.Array, kernel_hw: Sequence[int], strides: Sequence[int],
 def conv_patches(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int], padding,
                  precision=None) -> jax.Array:
   """NHWC `lhs [B, H, W, C]` * HWIO `rhs [kh, kw, C, O]` -> `[B, Ho, Wo, O]` as
-  im2col + one matmul; equal to `lax.conv_general_dilated` up to float summation order."""
+  im2col + one matmul; equal to `lax.conv_general_dilated` up to float summation order.
+
+  The matmul is 2-D (`[B*Ho*Wo, K] @ [K, O]`): its kernel gradient is then
+  `cols.T @ dy`, which XLA's CPU backend runs in place, whereas the 4-D
+  contraction made it copy `dy` transposed first (ResNet-50, 64x32, batch 32:
+  forward + backward 328 -> 274 ms, one thread)."""
   kh, kw, cin, cout = rhs.shape
   pads = explicit_padding(padding, lhs.shape[1:3], (kh, kw), strides)
   cols = im2col(lhs, (kh, kw), strides, pads)
-  return lax.dot_general(cols, rhs.reshape(kh * kw * cin, cout),
-                         (((3,), (0,)), ((), ())), precision=precision)
+  b, ho, wo, k = cols.shape
+  out = lax.dot_general(cols.reshape(b * ho * wo, k), rhs.reshape(k, cout),
+                        (((1,), (0,)), ((), ())), precision=precision)
+  return out.reshape(b, ho, wo, cout)
 
 
 def choose(impl: str, lhs_shape: Sequence[int], rhs_shape: Sequence[int],
