@@ -49,18 +49,27 @@ def explicit_padding(padding, in_hw: Sequence[int], kernel_hw: Sequence[int],
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def im2col(x: jax.Array, kernel_hw: Sequence[int], strides: Sequence[int],
-           pads: Sequence[tuple[int, int]]) -> jax.Array:
-  """`[B, H, W, C]` -> patches `[B, Ho, Wo, kh * kw * C]`, ordered (kh, kw, C)
-  like a flattened HWIO kernel, so `patches @ kernel.reshape(-1, O)` is the conv."""
+def window_slices(x: jax.Array, kernel_hw: Sequence[int], strides: Sequence[int],
+                  pads: Sequence[tuple[int, int]], pad_value=0) -> list[jax.Array]:
+  """`[B, H, W, C]` -> the `kh * kw` strided views `[B, Ho, Wo, C]` of a
+  sliding window, in row-major window order (i, j): view (i, j) holds, at each
+  output pixel, the input under window offset (i, j). Padding is `pad_value`."""
   (kh, kw), (sh, sw) = kernel_hw, strides
   ho = output_size(x.shape[1], kh, sh, pads[0])
   wo = output_size(x.shape[2], kw, sw, pads[1])
   if any(p != (0, 0) for p in pads):
-    x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-  cols = [lax.slice(x, (0, i, j, 0), (x.shape[0], i + (ho - 1) * sh + 1,
+    x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)),
+                constant_values=jnp.asarray(pad_value, x.dtype))
+  return [lax.slice(x, (0, i, j, 0), (x.shape[0], i + (ho - 1) * sh + 1,
                                       j + (wo - 1) * sw + 1, x.shape[3]), (1, sh, sw, 1))
           for i in range(kh) for j in range(kw)]
+
+
+def im2col(x: jax.Array, kernel_hw: Sequence[int], strides: Sequence[int],
+           pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """`[B, H, W, C]` -> patches `[B, Ho, Wo, kh * kw * C]`, ordered (kh, kw, C)
+  like a flattened HWIO kernel, so `patches @ kernel.reshape(-1, O)` is the conv."""
+  cols = window_slices(x, kernel_hw, strides, pads)
   return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 

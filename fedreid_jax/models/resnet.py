@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fedreid_jax.models import conv as conv_lib
+from fedreid_jax.models import pool as pool_lib
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -115,7 +116,7 @@ class ResNet(nn.Module):
   last_stride: int = 2
   small_stem: bool = False  # 3x3 stride-1 stem, no max-pool (tiny CPU inputs)
   dtype: Any = jnp.float32  # compute dtype; params stay float32
-  conv_impl: str = "auto"  # conv.IMPLS
+  conv_impl: str = "auto"  # conv.IMPLS; also the stem's max pool (pool.max_pool)
   bn_unbiased_var: bool = False  # BatchNorm.unbiased_var: PyTorch's running variance
 
   @nn.compact
@@ -130,7 +131,7 @@ class ResNet(nn.Module):
       x = conv(self.width, (7, 7), 2, padding=3, name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x))
     if not self.small_stem:
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = pool_lib.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), self.conv_impl)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for i in range(num_blocks):
         stride = 1
