@@ -62,9 +62,7 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int],
   `impl` is the model's `conv_impl` (`conv.IMPLS`): `"xla"` is `nn.max_pool`;
   `"patches"` the strided views; `"auto"` the views on CPU and `nn.max_pool`
   on GPU and TPU."""
-  if impl not in conv_lib.IMPLS:
-    raise ValueError(f"pool impl {impl!r}; choose one of {list(conv_lib.IMPLS)}")
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if impl == "xla" or (impl == "auto" and jax.default_backend() != "cpu"):
+  if not conv_lib.cpu_rewrites(impl):
     return nn.max_pool(x, tuple(window), tuple(strides), padding=pads)
   return _max_pool(x, tuple(window), tuple(strides), pads)

@@ -44,7 +44,7 @@ class BatchNorm(nn.BatchNorm):
   With `closed_form_grad` a training call (no mask, axis_name or other axis)
   goes through `batchnorm.train_norm`: the same variables, outputs and
   running averages, and a gradient equal up to float rounding, computed in
-  fewer passes (ResNets set it unless `conv_impl="xla"`).
+  fewer passes (ResNets set it where `conv.cpu_rewrites(conv_impl)`).
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -142,8 +142,8 @@ class ResNet(nn.Module):
   last_stride: int = 2
   small_stem: bool = False  # 3x3 stride-1 stem, no max-pool (tiny CPU inputs)
   dtype: Any = jnp.float32  # compute dtype; params stay float32
-  # conv.IMPLS; also the stem's max pool (pool.max_pool) and, unless "xla",
-  # BatchNorm.closed_form_grad
+  # conv.IMPLS; also the stem's max pool and BatchNorm.closed_form_grad
+  # (conv.cpu_rewrites: "patches", or "auto" on CPU)
   conv_impl: str = "auto"
   bn_unbiased_var: bool = False  # BatchNorm.unbiased_var: PyTorch's running variance
 
@@ -153,7 +153,7 @@ class ResNet(nn.Module):
                              conv_general_dilated=conv_lib.conv_fn(self.conv_impl))
     norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
                              unbiased_var=self.bn_unbiased_var,
-                             closed_form_grad=self.conv_impl != "xla")
+                             closed_form_grad=conv_lib.cpu_rewrites(self.conv_impl))
     if self.small_stem:
       x = conv(self.width, (3, 3), padding=1, name="conv1")(x)
     else:
