@@ -1,6 +1,6 @@
 """Training-mode BatchNorm with the closed-form gradient (models/batchnorm.py,
-resnet.BatchNorm(closed_form_grad=True)): the same variables, outputs and
-running averages as nn.BatchNorm, and gradients equal up to float rounding."""
+resnet.BatchNorm(closed_form_grad=True)): the same variables as nn.BatchNorm;
+outputs, running averages and gradients equal up to float rounding."""
 import functools
 
 import flax.linen as nn

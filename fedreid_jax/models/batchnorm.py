@@ -1,18 +1,22 @@
 """Training-mode batch normalisation with its gradient written out.
 
-Forward it computes what `nn.BatchNorm` computes (statistics in float32,
-`var = max(0, E[x^2] - E[x]^2)`, `y = (x - mean) * (rsqrt(var + eps) * scale)
-+ bias`), op for op. Backward it uses the closed form PyTorch's kernels use:
+Forward it computes what `nn.BatchNorm` computes: statistics in float32 as
+flax does (`var = max(0, E[x^2] - E[x]^2)`), then `y = x * mul + (bias -
+mean * mul)` with `mul = rsqrt(var + eps) * scale`, equal to flax's
+`(x - mean) * mul + bias` up to rounding. Backward it uses the closed form
+PyTorch's kernels use:
 
     xhat = (x - mean) * inv,   inv = rsqrt(var + eps),   n = values per channel
     dbias = sum(dy),   dscale = sum(dy * xhat)
     dx = scale * inv * (dy - dbias / n - xhat * dscale / n)
 
-two per-channel reductions and one elementwise pass over `x`. Autodiff of
-`nn.BatchNorm` instead keeps `x - mean` as an extra activation and runs more
-passes; on XLA's CPU backend that was ~15% of a ResNet-50 step (64x32 and
-128x64 input, batch 32, one thread). The statistics are outputs too, for the
-running averages; their cotangents (zero in a loss) are handled exactly.
+with `sum(dy * (x - mean))` taken as `sum(dy * x) - mean * sum(dy)` and `dx`
+as `a * dy + b * x + c`, so that no `x - mean` tensor is formed: XLA's CPU
+backend materialised one per layer, in the forward (autodiff of
+`nn.BatchNorm`) or in the backward. ResNet-50, 64x32 input, batch 32, one
+thread: forward + backward 265 -> 240 ms (profiled). The statistics are
+outputs too, for the running averages; their cotangents (zero in a loss)
+are handled exactly.
 """
 from __future__ import annotations
 

@@ -42,8 +42,8 @@ class BatchNorm(nn.BatchNorm):
   cross-device `axis_name` or `mask` with `unbiased_var`.
 
   With `closed_form_grad` a training call (no mask, axis_name or other axis)
-  goes through `batchnorm.train_norm`: the same variables, outputs and
-  running averages, and a gradient equal up to float rounding, computed in
+  goes through `batchnorm.train_norm`: the same variables and running
+  averages, output and gradient equal up to float rounding, computed in
   fewer passes (ResNets set it where `conv.cpu_rewrites(conv_impl)`).
   """
   momentum: float = 0.9
