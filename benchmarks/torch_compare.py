@@ -20,9 +20,12 @@ PyTorch's model is written here in plain torch with torchvision's layout
 (BasicBlock / Bottleneck v1.5, the 512-d embedding block Dense -> BN1d ->
 Dropout, the classifier), so no torchvision is needed; `pip install
 torch==2.13.0` (CPU build). Times are medians of `--reps` calls after two
-warm-up calls (compilation excluded). Ratio = torch ms / ours ms: >= 1 means
-we are at least as fast. Our side runs once per `--impls` conv lowering
-(`model.conv_impl`) and per `--dtypes` compute dtype (`model.dtype`).
+warm-up calls (compilation excluded), taken in interleaved rounds (one call
+of each side per round), so that load from other jobs falls on both sides
+alike. Ratio = torch ms / ours ms: >= 1 means we are at least as fast; the
+range after it is the lowest and highest per-round ratio. Our side runs once
+per `--impls` conv lowering (`model.conv_impl`) and per `--dtypes` compute
+dtype (`model.dtype`).
 """
 from __future__ import annotations
 
@@ -58,17 +61,30 @@ def pin_threads(threads: int) -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def time_ms(fn, reps: int, budget_s: float) -> float:
-  """Median wall ms of `fn()` (which blocks until done) after two warm-up calls."""
-  fn()
-  fn()
-  times, start = [], time.perf_counter()
-  while len(times) < reps and (len(times) < 2 or time.perf_counter() - start < budget_s):
-    t0 = time.perf_counter()
+def time_interleaved(fns: list, reps: int, budget_s: float) -> list[list[float]]:
+  """Wall ms of each `fn()` (which blocks until done): two warm-up calls each,
+  then rounds of one call of each fn in turn, until `reps` rounds or (after
+  at least two) `budget_s` seconds. Returns one list of times per fn."""
+  for fn in fns:
     fn()
-    times.append(1000 * (time.perf_counter() - t0))
-  times.sort()
-  return times[len(times) // 2]
+    fn()
+  times, start = [[] for _ in fns], time.perf_counter()
+  while len(times[0]) < reps and (len(times[0]) < 2 or time.perf_counter() - start < budget_s):
+    for fn, ts in zip(fns, times):
+      t0 = time.perf_counter()
+      fn()
+      ts.append(1000 * (time.perf_counter() - t0))
+  return times
+
+
+def median(values: list[float]) -> float:
+  return sorted(values)[len(values) // 2]
+
+
+def ratio_cell(torch_ms: list[float], ours_ms: list[float]) -> str:
+  """`median ratio (lowest-highest per-round ratio)`, ratio = torch / ours."""
+  per_round = sorted(t / o for t, o in zip(torch_ms, ours_ms))
+  return f"{median(torch_ms) / median(ours_ms):.2f} ({per_round[0]:.2f}-{per_round[-1]:.2f})"
 
 
 # ---------------------------------------------------------------- PyTorch side
@@ -148,8 +164,8 @@ def torch_model(backbone: str):
   return ReID()
 
 
-def torch_case(backbone: str, size, reps: int, budget_s: float) -> dict[str, float]:
-  """{"train": ms, "features": ms} for PyTorch."""
+def torch_case(backbone: str, size) -> dict:
+  """{"train": fn, "features": fn}: PyTorch's calls (each blocks until done)."""
   import torch
   torch.manual_seed(0)
   model = torch_model(backbone)
@@ -172,15 +188,14 @@ def torch_case(backbone: str, size, reps: int, budget_s: float) -> dict[str, flo
       f = model.embed(x) + model.embed(torch.flip(x, dims=(3,)))
       torch.nn.functional.normalize(f, dim=1)
 
-  return {"train": time_ms(step, reps, budget_s), "features": time_ms(features, reps, budget_s)}
+  return {"train": step, "features": features}
 
 
 # ---------------------------------------------------------------- our side
 
 
-def our_case(backbone: str, size, impl: str, dtype: str, reps: int,
-             budget_s: float) -> dict[str, float]:
-  """{"train": ms, "features": ms} for fedreid_jax with `model.conv_impl=impl`."""
+def our_case(backbone: str, size, impl: str, dtype: str) -> dict:
+  """{"train": fn, "features": fn}: fedreid_jax's calls with `model.conv_impl=impl`."""
   import jax
   import numpy as np
   from fedreid_jax import config_lib
@@ -208,11 +223,10 @@ def our_case(backbone: str, size, impl: str, dtype: str, reps: int,
     jax.block_until_ready(metrics)
 
   embed = features_lib.make_embed_fn(model)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  features = lambda: jax.block_until_ready(embed(variables, images))
-  out = {"features": time_ms(features, reps, budget_s)}
-  out["train"] = time_ms(train, reps, budget_s)
-  return out
+  # the current state: the train step donates (deletes) the one it was given
+  features = lambda: jax.block_until_ready(embed(
+      {"params": holder[0].params, "batch_stats": holder[0].batch_stats}, images))
+  return {"train": train, "features": features}
 
 
 def main():
@@ -233,13 +247,14 @@ def main():
   for case in args.cases.split(","):
     backbone, hw = case.split(":")
     size = tuple(int(v) for v in hw.split("x"))
-    t = torch_case(backbone, size, args.reps, args.budget_s)
-    o = [our_case(backbone, size, impl, dtype, args.reps, args.budget_s) for impl, dtype in ours]
+    sides = [torch_case(backbone, size)] + [our_case(backbone, size, impl, dtype)
+                                            for impl, dtype in ours]
     for what in ("train", "features"):
-      ms = [r[what] for r in o]
-      print(f"| {backbone} | {hw} | {what} | {t[what]:.0f} | "
-            + " | ".join(f"{m:.0f}" for m in ms) + " | "
-            + " | ".join(f"{t[what] / m:.2f}" for m in ms) + " |", flush=True)
+      t, *o = time_interleaved([side[what] for side in sides], args.reps, args.budget_s)
+      print(f"| {backbone} | {hw} | {what} | {median(t):.0f} | "
+            + " | ".join(f"{median(m):.0f}" for m in o) + " | "
+            + " | ".join(ratio_cell(t, m) for m in o) + " |", flush=True)
+    print(f"(load average after {case}: {os.getloadavg()[0]:.2f})", flush=True)
 
 
 if __name__ == "__main__":

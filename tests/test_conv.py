@@ -156,3 +156,69 @@ def test_patches_in_bfloat16_stays_bfloat16_and_close():
   want = xla_conv(x, k, (1, 1), pads)
   np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05,
                              atol=0.02 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("impl, backend, want", [
+    ("auto", "cpu", True), ("auto", "gpu", False), ("auto", "tpu", False),
+    ("patches", "gpu", True), ("xla", "cpu", False),
+])
+def test_cpu_rewrites_follow_the_conv_impl(impl, backend, want):
+  """The stem pool and BatchNorm rewrites go with `auto` on CPU only, and
+  with a forced `patches`; `xla` is the plain flax model everywhere."""
+  assert conv.cpu_rewrites(impl, backend) is want
+
+
+def test_patches_matmuls_are_2d_forward_and_backward():
+  """`[B*Ho*Wo, K] @ [K, O]`: the kernel gradient is then `cols.T @ dy`, which
+  XLA's CPU backend runs without the transposed copy of `dy` that the 4-D
+  contraction cost (benchmarks/RESULTS.md)."""
+  x, k = normal((2, 4, 2, 3), 0), normal((3, 3, 3, 4), 1)
+  f = lambda x, k: conv.conv_patches(x, k, (1, 1), "SAME")
+  g = jnp.ones((2, 4, 2, 4))
+  jaxpr = jax.make_jaxpr(lambda x, k: jax.vjp(f, x, k)[1](g))(x, k)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 3  # forward, input gradient, kernel gradient
+  assert all(v.aval.ndim == 2 for e in dots for v in e.invars)
+
+
+@pytest.mark.parametrize("shape_x, shape_k, strides, padding", CASES)
+def test_xla_conv_with_patches_kernel_gradient_equals_xla(shape_x, shape_k, strides, padding):
+  """`conv_xla_patches_grad`: XLA's forward and input gradient as they are,
+  the kernel gradient by chunked im2col + matmul equal up to rounding."""
+  x, k = normal(shape_x, 0), normal(shape_k, 1)
+  pads = conv.explicit_padding(padding, shape_x[1:3], shape_k[:2], strides)
+  hybrid = lambda x, k, strides, padding: conv.conv_xla_patches_grad(x, k, strides, pads)
+  cotangent = normal(jax.eval_shape(lambda: xla_conv(x, k, strides, padding)).shape, 2)
+  want = forward_and_grads(xla_conv, x, k, cotangent, strides, padding)
+  got = forward_and_grads(hybrid, x, k, cotangent, strides, padding)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-4, err_msg="kernel gradient")
+
+
+def test_kernel_gradient_chunks_divide_the_batch_and_fit_the_bound():
+  assert conv.chunk_images(32, 1 << 20, 2 << 20) == 2
+  assert conv.chunk_images(6, 1 << 20, 4 << 20) == 3  # 4 does not divide 6
+  assert conv.chunk_images(8, 8 << 20, 2 << 20) == 1  # one image over the bound: 1
+  x, k = normal((3, 4, 2, 2), 0), normal((3, 3, 2, 2), 1)
+  g = normal((3, 4, 2, 2), 2)
+  pads = ((1, 1), (1, 1))
+  whole = conv.kernel_grad_patches(x, g, (3, 3), (1, 1), pads)
+  old, conv.KERNEL_GRAD_CHUNK_BYTES = conv.KERNEL_GRAD_CHUNK_BYTES, 1  # one image a chunk
+  try:
+    chunked = conv.kernel_grad_patches(x, g, (3, 3), (1, 1), pads)
+  finally:
+    conv.KERNEL_GRAD_CHUNK_BYTES = old
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_takes_the_patches_kernel_gradient_on_large_maps_only():
+  def lowered(shape_x):
+    x, k = jnp.zeros(shape_x), jnp.zeros((3, 3, shape_x[3], 4))
+    return str(jax.make_jaxpr(functools.partial(
+        conv.CONV_FNS["auto"], window_strides=(1, 1), padding=((1, 1), (1, 1)),
+        dimension_numbers=conv.NHWC))(x, k))
+  big, mid = lowered((1, 32, 16, 2)), lowered((1, 16, 8, 2))  # 512 and 128 pixels
+  if jax.default_backend() == "cpu":
+    assert "custom_vjp_call" in big and "custom_vjp_call" not in mid
+  assert "conv_general_dilated" in big and "conv_general_dilated" in mid

@@ -18,9 +18,12 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+from flax.linen.dtypes import canonicalize_dtype
 import jax.numpy as jnp
 
+from fedreid_jax.models import batchnorm
 from fedreid_jax.models import conv as conv_lib
+from fedreid_jax.models import pool as pool_lib
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -37,10 +40,16 @@ class BatchNorm(nn.BatchNorm):
   `unbiased_var=False` this is exactly `nn.BatchNorm`. Same variables either
   way (`scale`, `bias`; `batch_stats`: `mean`, `var`). Channels last; no
   cross-device `axis_name` or `mask` with `unbiased_var`.
+
+  With `closed_form_grad` a training call (no mask, axis_name or other axis)
+  goes through `batchnorm.train_norm`: the same variables and running
+  averages, output and gradient equal up to float rounding, computed in
+  fewer passes (ResNets set it where `conv.cpu_rewrites(conv_impl)`).
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
   unbiased_var: bool = False
+  closed_form_grad: bool = False
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -50,11 +59,29 @@ class BatchNorm(nn.BatchNorm):
     if correct and (mask is not None or self.axis_name is not None or self.axis != -1):
       raise ValueError("BatchNorm(unbiased_var=True) takes no mask, axis_name or axis other than -1")
     old = self.get_variable("batch_stats", "var") if correct else None
-    y = super().__call__(x, use_running_average, mask=mask)
+    closed_form = (self.closed_form_grad and not use_avg and not self.is_initializing()
+                   and mask is None and self.axis_name is None and self.axis == -1
+                   and self.use_scale and self.use_bias)
+    y = (self._train_closed_form(x) if closed_form
+         else super().__call__(x, use_running_average, mask=mask))
     if correct:  # new = m old + (1 - m) v  ->  m old + (1 - m) v n / (n - 1)
       n = x.size // x.shape[-1]
-      var = self.variable("batch_stats", "var")
-      var.value = var.value + (var.value - self.momentum * old) / max(n - 1, 1)
+      new = self.get_variable("batch_stats", "var")
+      self.put_variable("batch_stats", "var", new + (new - self.momentum * old) / max(n - 1, 1))
+    return y
+
+  def _train_closed_form(self, x):
+    """`nn.BatchNorm`'s training call (variables, output, running averages)
+    through `batchnorm.train_norm`. `[..., C] -> [..., C]`."""
+    features = (x.shape[-1],)
+    scale = self.param("scale", self.scale_init, features, self.param_dtype)
+    bias = self.param("bias", self.bias_init, features, self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+    dtype = canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    y, mean, var = batchnorm.train_norm(x, scale, bias, self.epsilon, dtype)
+    ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+    ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return y
 
 
@@ -115,7 +142,9 @@ class ResNet(nn.Module):
   last_stride: int = 2
   small_stem: bool = False  # 3x3 stride-1 stem, no max-pool (tiny CPU inputs)
   dtype: Any = jnp.float32  # compute dtype; params stay float32
-  conv_impl: str = "auto"  # conv.IMPLS
+  # conv.IMPLS; also the stem's max pool and BatchNorm.closed_form_grad
+  # (conv.cpu_rewrites: "patches", or "auto" on CPU)
+  conv_impl: str = "auto"
   bn_unbiased_var: bool = False  # BatchNorm.unbiased_var: PyTorch's running variance
 
   @nn.compact
@@ -123,14 +152,15 @@ class ResNet(nn.Module):
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
                              conv_general_dilated=conv_lib.conv_fn(self.conv_impl))
     norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
-                             unbiased_var=self.bn_unbiased_var)
+                             unbiased_var=self.bn_unbiased_var,
+                             closed_form_grad=conv_lib.cpu_rewrites(self.conv_impl))
     if self.small_stem:
       x = conv(self.width, (3, 3), padding=1, name="conv1")(x)
     else:
       x = conv(self.width, (7, 7), 2, padding=3, name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x))
     if not self.small_stem:
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = pool_lib.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), self.conv_impl)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for i in range(num_blocks):
         stride = 1
