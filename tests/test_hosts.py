@@ -215,8 +215,8 @@ def test_two_hosts_equal_one_host_with_four_devices(tmp_path):
     for key, value in one_rec[1].items():  # round 2: after aggregating rounding differences
       if key.startswith(("eval", "train/loss", "client/", "kd/")) and key.endswith(("loss", "mAP")):
         assert two_rec[1][key] == pytest.approx(value, rel=1e-2, abs=1e-2), key
-  # the last bits follow the virtual devices per process (XLA:CPU splits its loops by
-  # them), not the hosts: in one process with 2 devices every client trains round 1
+  # the last bits follow the virtual devices per process (XLA:CPU compiles differently
+  # with them), not the hosts: in one process with 2 devices every client trains round 1
   # bit for bit as on the two hosts (CDW and KD then run other compiled forms there:
   # the state of 9 clients does not split over 2 devices)
   same_dir = str(tmp_path / "one_with_two")
