@@ -23,6 +23,7 @@ import os
 import jax
 import numpy as np
 
+from fedreid_jax import run_config
 from fedreid_jax.errors import ConfigError
 
 # Fields that may differ between the processes of one run.
@@ -112,17 +113,9 @@ def check_running(config) -> None:
                       "(config) before anything else (the command line does)")
 
 
-def _fields(tree: dict, prefix: str = "") -> dict[str, object]:
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    out.update(_fields(value, path + ".") if isinstance(value, dict) else {path: value})
-  return out
-
-
 def config_fields(config) -> dict[str, object]:
   """The config as flat `{"section.field": value}`, without the per-process fields."""
-  flat = _fields(json.loads(config.to_json()))
+  flat = run_config.flatten(json.loads(config.to_json()))
   return {k: v for k, v in flat.items() if k not in PER_PROCESS_FIELDS}
 
 
@@ -205,14 +198,16 @@ def to_host(tree):
 
 
 def local_copy(tree):
-  """`tree` with every array replicated over several hosts' devices replaced
-  by this host's own copy (one device): for computations of one host alone
-  (evaluation, exports). Arrays this host holds whole are kept."""
+  """`tree` with every array replicated over several devices (of this host or
+  of several) replaced by this host's first copy, on one device: for
+  computations of one model on one device (evaluation, exports; a model
+  replicated over a mesh would otherwise run every batch on every device).
+  Arrays on one device are kept."""
   def one(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
       shard = x.addressable_shards[0]
       if shard.data.shape != x.shape:
-        raise ValueError(f"an array of shape {x.shape} is split over hosts, not replicated")
+        raise ValueError(f"an array of shape {x.shape} is split over devices, not replicated")
       return shard.data
     return x
   return jax.tree.map(one, tree)

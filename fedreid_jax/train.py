@@ -153,7 +153,8 @@ class Experiment:
     rows = self.state_mesh is not None  # a split state: the selected rows change in place
     lanes = range(len(self.clients_data)) if rows else [int(c) for c in ids]
     mask = np.isin(np.arange(len(self.clients_data)), ids)
-    selected = self.stages.broadcast(self.server, self.clients, mask if rows else ids_dev)
+    chosen = mask if rows else ids_dev  # what broadcast selects by
+    selected = self.stages.broadcast(self.server, self.clients, chosen)
     own_ids = [int(c) for c in ids if int(c) in self.own]  # all, on one host
     batch = (self.inputs.measurement_batch(own_ids, round_index, cfg.cdw.batch_size)
              if self.stages.measure is not None else None)
@@ -167,7 +168,7 @@ class Experiment:
         selected, streams, [self.inputs.num_steps(c) if c in ids else 0 for c in lanes], on_steps)
     measured = {}
     if batch is not None:
-      before = self.stages.broadcast(self.server, self.clients, mask if rows else ids_dev)
+      before = self.stages.broadcast(self.server, self.clients, chosen)
       if rows:  # each client measured where it lives
         measured, trained = self.execute.measure(self.stages.measure_one, before, trained, {
             c: (batch["image"][k], batch["label"][k]) for k, c in enumerate(own_ids)})

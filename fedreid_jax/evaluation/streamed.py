@@ -26,6 +26,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from fedreid_jax import hosts
 from fedreid_jax.data.base import ClientData, ReIDSplit
 from fedreid_jax.evaluation.features import embed_batches
 from fedreid_jax.input.reader import read_resized
@@ -97,15 +98,6 @@ def split_features(embed_fn, variables, split: ReIDSplit, size: tuple[int, int],
                        batch_size, (*size, 3))
 
 
-def on_one_device(tree):
-  """`tree` moved to the first of its devices when it spans several (a server
-  replicated over a mesh would otherwise embed every batch on every device)."""
-  devices = {d for x in jax.tree.leaves(tree) for d in x.sharding.device_set}
-  if len(devices) <= 1:
-    return tree
-  return jax.device_put(tree, min(devices, key=lambda d: d.id))
-
-
 def evaluate_model(embed_fn, variables, test: StreamedTestSet, protocol: str, batch_size: int,
                    examples_path: str | None = None, cache: dict | None = None,
                    threads: int = 4) -> dict:
@@ -113,7 +105,7 @@ def evaluate_model(embed_fn, variables, test: StreamedTestSet, protocol: str, ba
   dict per model), a test set already scored under the same `key` is not
   embedded again. `examples_path`: also save retrieval examples there."""
   from fedreid_jax.evaluation.retrieval import evaluate_features
-  variables = on_one_device(variables)
+  variables = hosts.local_copy(variables)  # one device, not every device of a mesh
   hit = cache.get(test.key) if cache is not None else None
   feats = hit[1] if hit else None
   if hit is None or (examples_path and feats is None):
