@@ -95,8 +95,10 @@ class Experiment:
         execution.make_mesh(cfg.fed.strategy, self.num_selected, cfg.fed.num_devices), devices)
     parts = algorithms.make_parts(self.spec, cfg, self.model)
     self.received_stats = parts.received_stats
+    measurements = {**parts.measurements, **(measurements or {})}
+    self.measurement_names = sorted(measurements)
     self.stages = rounds_lib.make_round_stages(
-        self.spec, self.tx, {**parts.measurements, **(measurements or {})}, parts.weighting,
+        self.spec, self.tx, measurements, parts.weighting,
         (*parts.server_stages, *server_stages),
         every_client_sharding=(jax.sharding.NamedSharding(
             self.state_mesh, jax.sharding.PartitionSpec(device_queues.AXIS))
@@ -156,8 +158,13 @@ class Experiment:
     chosen = mask if rows else ids_dev  # what broadcast selects by
     selected = self.stages.broadcast(self.server, self.clients, chosen)
     own_ids = [int(c) for c in ids if int(c) in self.own]  # all, on one host
+    measuring = self.stages.measure is not None
+    # split state: each client measured where it lives, on its own batch (a host may
+    # hold no selected client); else, and for the reference CDW, the batches stacked
+    batches = ({c: self.inputs.measurement_one(c, round_index, cfg.cdw.batch_size)
+                for c in own_ids} if measuring and rows else {})
     batch = (self.inputs.measurement_batch(own_ids, round_index, cfg.cdw.batch_size)
-             if self.stages.measure is not None else None)
+             if measuring and (not rows or self.received_stats is not None) else None)
     if self.received_stats is not None:  # reference CDW: statistics changed in flight
       order = jnp.asarray(sampling.round_order(cfg.seed, round_index, len(ids)))
       selected = algorithms.with_received_stats(
@@ -167,11 +174,12 @@ class Experiment:
     trained, metrics = self.execute(
         selected, streams, [self.inputs.num_steps(c) if c in ids else 0 for c in lanes], on_steps)
     measured = {}
-    if batch is not None:
+    if measuring:
       before = self.stages.broadcast(self.server, self.clients, chosen)
-      if rows:  # each client measured where it lives
-        measured, trained = self.execute.measure(self.stages.measure_one, before, trained, {
-            c: (batch["image"][k], batch["label"][k]) for k, c in enumerate(own_ids)})
+      if rows:
+        measured, trained = self.execute.measure(
+            self.stages.measure_one, self.measurement_names, before, trained,
+            {c: (b["image"], b["label"]) for c, b in batches.items()})
       else:
         measured, trained = self.stages.measure(before, trained, batch["image"], batch["label"])
     weights = hosts.to_host(self.stages.weights(trained, measured)) * (mask if rows else 1)

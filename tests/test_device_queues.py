@@ -218,6 +218,16 @@ for per_round in (0, 3):  # every client; 3 of 4 (the fourth kept as it is)
   print(per_round or 4, "of 4: cdw weights", {k: round(rec_d[k], 4) for k in keys if k.endswith("weight")},
         "max |diff|", worst)
   assert worst < 1e-6
+# a host holding no selected client this round (sampling over several hosts) measures
+# nothing and contributes zeros, the state as it was
+import jax.numpy as jnp
+mask = np.zeros(4, bool)
+before = devices.stages.broadcast(devices.server, devices.clients, mask)
+values, after = devices.execute.measure(devices.stages.measure_one, devices.measurement_names,
+                                        before, devices.clients, {})
+assert list(values) == ["cdw_distance"] and not values["cdw_distance"].any()
+assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(after.params),
+                                                      jax.tree.leaves(devices.clients.params)))
 print("ok")
 """
 

@@ -264,12 +264,13 @@ class DeviceQueues:
     stacked = {k: jnp.asarray(v, jnp.float32) for k, v in zip(("loss", "accuracy", "steps"), sums)}
     return trained, execution._means(stacked, num_steps)
 
-  def measure(self, measure_one, before, after, batches: dict[int, tuple]):
+  def measure(self, measure_one, names, before, after, batches: dict[int, tuple]):
     """Each client measured on the device holding its row (no client state
     moves; a host measures the clients it holds): `measure_one(before_i,
-    after_i, images_i, labels_i) -> ({name: scalar}, after_i)`; `batches`:
-    {client: (images `[B, H, W, 3]`, labels `[B]`)} of this host's clients.
-    Returns ({name: `[S]` numpy, every host's}, after in its layout)."""
+    after_i, images_i, labels_i) -> ({name: scalar}, after_i)` for each of
+    `names`; `batches`: {client: (images `[B, H, W, 3]`, labels `[B]`)} of
+    this host's selected clients (possibly none this round). Returns ({name:
+    `[S]` numpy, every host's}, after in its layout)."""
     blocks_before, blocks_after = row_blocks(before), row_blocks(after)
     if blocks_before is None or blocks_after is None:
       raise ValueError("measure expects the client state split along its client axis")
@@ -287,7 +288,7 @@ class DeviceQueues:
             self._take(block_before, lane - start), self._take(block_after, lane - start),
             images, labels)
     num = jax.tree.leaves(after)[0].shape[0]
-    names = sorted(next(iter(values.values())))
+    names = sorted(names)
     table = np.zeros((len(names), num))
     for lane, v in values.items():
       table[:, lane] = [float(v[k]) for k in names]

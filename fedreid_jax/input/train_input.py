@@ -90,7 +90,11 @@ class TrainInput:
                         batch_size: int | None = None) -> Batch:
     """One batch of each client's own data, stacked: image `[S, B, H, W, 3]`
     (B = `batch_size`, default the training batch size)."""
-    b = batch_size or self.batch_size
-    batches = [self.gather(c, plan_lib.measurement_row(
-        len(self.splits[c]), b, self.seed, round_index, c)) for c in clients]
+    batches = [self.measurement_one(c, round_index, batch_size) for c in clients]
     return {k: np.stack([b[k] for b in batches]) for k in ("image", "label")}
+
+  def measurement_one(self, client: int, round_index: int, batch_size: int | None = None) -> Batch:
+    """`measurement_batch` of one client: image `[B, H, W, 3]`, label `[B]`."""
+    b = batch_size or self.batch_size
+    return self.gather(client, plan_lib.measurement_row(
+        len(self.splits[client]), b, self.seed, round_index, client))
