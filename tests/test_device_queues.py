@@ -162,6 +162,15 @@ for r in range(2):
   assert worst(serial, exp, 4) < 1e-5
   assert len(jax.tree.leaves(exp.clients)[0].sharding.device_set) == 4
 assert picks[0] != picks[1], picks
+# an unselected row is neither copied nor moved: the trained state keeps its buffers
+sel = exp.stages.broadcast(exp.server, exp.clients, np.array([True, True, True, False]))
+def buffers(tree):
+  return {s.index[0].start or 0: s.data.unsafe_buffer_pointer()
+          for s in jax.tree.leaves(tree)[0].addressable_shards}
+held = buffers(sel)
+streams = [exp.inputs.stream(c, 2) for c in range(3)] + [None]
+out, _ = exp.execute(sel, streams, [exp.inputs.num_steps(c) for c in range(3)] + [0])
+assert buffers(out)[3] == held[3], (held, buffers(out))
 print("ok")
 """
 

@@ -93,3 +93,23 @@ def test_lazy_images_index_like_arrays(pair):
   idx = np.array([[3, 0], [1, 1]])
   assert np.array_equal(ts.gallery_images[idx], tm.gallery_images[idx])
   assert np.array_equal(ts.query_images[2:5], tm.query_images[2:5])
+
+
+def test_short_batches_padded_to_few_sizes():
+  assert [features_lib.padded_size(n, 256) for n in (1, 22, 32, 33, 64, 65, 129, 250, 256)] == [
+      32, 32, 32, 64, 64, 128, 256, 256, 256]
+  assert {features_lib.padded_size(n, 256) for n in range(1, 257)} == {32, 64, 128, 256}
+  assert features_lib.padded_size(5, 8) == 8 and features_lib.padded_size(1, 1) == 1
+
+
+def test_short_batch_features_equal_full_batch_padding(pair):
+  """A 3-image tail embedded at its bucket size (8 of batch 64) gives the
+  features it gets padded to the full batch, within float rounding."""
+  a, b = pair
+  variables = rounds_lib.global_variables(a.server)
+  images = b.tests[0].gallery_images[:3]
+  got = features_lib.extract_features(a.embed_fn, variables, images, 64)
+  padded = np.concatenate([images, np.zeros((61, *images.shape[1:]), images.dtype)])
+  want = a.embed_fn(variables, padded)[:3]
+  assert got.shape == (3, want.shape[1])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

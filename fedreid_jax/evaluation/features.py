@@ -23,23 +23,33 @@ def make_embed_fn(model):
   return jax.jit(embed)
 
 
+def padded_size(real: int, batch_size: int) -> int:
+  """The compiled batch size a short batch of `real` images is padded to: the
+  next power of two, at least `batch_size // 8`, at most `batch_size` (a few
+  compiled shapes; a 22-image test set costs 32 rows, not 256)."""
+  smallest = max(1, batch_size // 8)
+  return min(batch_size, max(smallest, 1 << max(0, real - 1).bit_length()))
+
+
 def embed_batches(embed_fn, variables, batches: Iterable[np.ndarray], batch_size: int,
                   image_shape: tuple[int, ...]) -> jax.Array:
   """Consecutive uint8 batches `[<=B, H, W, 3]` -> features `[N, E]` on the device;
-  a short batch is zero-padded to B (one compiled shape)."""
+  a short batch is zero-padded to `padded_size` (at most four compiled shapes)."""
   chunks = []
   for batch in batches:
     real = batch.shape[0]
-    if real < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]), batch.dtype)])
+    size = padded_size(real, batch_size)
+    if real < size:
+      batch = np.concatenate([batch, np.zeros((size - real, *batch.shape[1:]), batch.dtype)])
     chunks.append(embed_fn(variables, batch)[:real])
   if not chunks:
-    return embed_fn(variables, np.zeros((batch_size, *image_shape), np.uint8))[:0]
+    return embed_fn(variables, np.zeros((padded_size(0, batch_size), *image_shape),
+                                        np.uint8))[:0]
   return jnp.concatenate(chunks, 0)
 
 
 def extract_features(embed_fn, variables, images: np.ndarray, batch_size: int) -> jax.Array:
-  """uint8 `[N, H, W, 3]` -> `[N, E]`, in fixed-size batches (one compiled shape)."""
+  """uint8 `[N, H, W, 3]` -> `[N, E]`, in batches of `batch_size` (`embed_batches`)."""
   starts = range(0, images.shape[0], batch_size)
   return embed_batches(embed_fn, variables, (images[s:s + batch_size] for s in starts),
                        batch_size, tuple(images.shape[1:]))

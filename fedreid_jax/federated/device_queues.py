@@ -217,8 +217,7 @@ class DeviceQueues:
     self.devices = list(devices)
     self.serial = execution.Serial(local_step, chunk_steps)  # its compiled step and chunk
     self._take = jit_counted("devices/take", params_lib.take_client)
-    self._stack = jit_counted("devices/stack",
-                              lambda *states: jax.tree.map(lambda *x: jnp.stack(x), *states))
+    self._put = self.serial._put  # one row of a block replaced in place (donated)
     self.last_report: dict = {}
 
   def report(self) -> dict[str, float]:
@@ -280,8 +279,7 @@ class DeviceQueues:
       for lane in range(start, stop):
         if lane in measured:
           continue
-        if lane not in batches:  # not selected this round: kept as it is
-          measured[lane] = self._take(block_after, lane - start)
+        if lane not in batches:  # not selected this round: its row stays as it is
           continue
         images, labels = (jax.device_put(x, device) for x in batches[lane])
         values[lane], measured[lane] = measure_one(
@@ -299,6 +297,8 @@ class DeviceQueues:
     """Trains `queue`'s clients on `device`, one after another; yields the
     steps of each dispatched piece; `done[lane] = (state, metric sums)`."""
     for lane in queue:
+      if not num_steps[lane]:  # not selected this round: its row stays as it is
+        continue
       state = jax.device_put(self._take_lane(blocks, lane, device), device)
       sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0.0}
       for length in execution.piece_lengths(num_steps[lane], self.serial.chunk_steps):
@@ -315,11 +315,16 @@ class DeviceQueues:
     dev, start, _, block = next((b for b in holding if b[0] == device), holding[0])
     return self._take(block, lane - start)
 
-  def _assemble(self, blocks, trained: dict, like):
-    """Trained clients back into `like`'s layout: each device stacks its own rows."""
-    per_device = {dev: self._stack(*[jax.device_put(trained[lane], dev)
-                                     for lane in range(start, stop)])
-                  for dev, start, stop, _ in blocks}
+  def _assemble(self, blocks, changed: dict, like):
+    """`like` with the rows in `changed` ({lane: state}) replaced, each in place
+    in every device block holding it (the blocks are donated; rows not in
+    `changed` are neither copied nor moved)."""
+    per_device = {}
+    for dev, start, stop, block in blocks:
+      for lane in range(start, stop):
+        if lane in changed:
+          block = self._put(block, lane - start, jax.device_put(changed[lane], dev))
+      per_device[dev] = block
     if len(jax.tree.leaves(like)[0].sharding.device_set) == 1:
       return next(iter(per_device.values()))
     leaves, treedef = jax.tree.flatten(like)
