@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 5e-4
   c.train.pad = 4  # pad-and-crop pixels (10 at 256x128)
   c.train.flip = True
+  # Random erasing probability (the reference's --erasing_p; 0: off, as there by default;
+  # 0.5 is the usual re-ID setting). One rectangle of 2-40% of the image set to the mean colour.
+  c.train.random_erasing = 0.0
 
   c.fed = ml_collections.ConfigDict()
   # fedpav | fedpav_kd | fedpav_cdw | fedpav_kd_cdw | local | fedavg | centralised

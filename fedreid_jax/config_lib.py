@@ -107,6 +107,10 @@ def validate(config) -> None:
     raise ConfigError(f"config.eval.streamed={config.eval.streamed!r} must be True or False")
   if len(config.data.image_size) != 2 or min(config.data.image_size) <= 0:
     raise ConfigError(f"config.data.image_size={tuple(config.data.image_size)!r} must be (height, width)")
+  erasing = config.train.get("random_erasing", 0.0)
+  if isinstance(erasing, bool) or not isinstance(erasing, (int, float)) or not 0 <= erasing <= 1:
+    raise ConfigError(f"config.train.random_erasing={erasing!r} must be a probability in "
+                      "[0, 1] (0: off; 0.5 is the usual re-ID setting)")
   if not 0.0 <= config.model.dropout < 1.0:
     raise ConfigError(f"config.model.dropout={config.model.dropout!r} must be in [0, 1)")
   _choice(config.model.get("bn_unbiased_variance", False), (False, True),

@@ -28,6 +28,7 @@ def cli(*args, timeout=600):
     ("eval.protocol", "cuhk", "choose one of ['standard', 'fedreid']"),
     ("model.conv_impl", "winograd", "choose one of ['auto', 'xla', 'patches']"),
     ("model.dtype", "float16", "choose one of ['float32', 'bfloat16']"),
+    ("train.random_erasing", 1.5, "must be a probability in [0, 1]"),
 ])
 def test_invalid_values_are_named(field, value, expected):
   cfg = fakes.tiny_config()

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated.state import ClientStates
-from fedreid_jax.models.preprocess import augment, l2_normalize, normalize
+from fedreid_jax.models.preprocess import l2_normalize, normalize, train_inputs
 
 FORMS = ("logit", "delta")
 MODES = ("default", "reference")
@@ -102,7 +102,7 @@ def make_measurement(model, cdw_cfg, train_cfg, shared_prefixes):
       return cosine_distance(logits_eval(before, x), logits_eval(after, x), mask)
     key = jax.random.fold_in(after.rng, 0xCD)
     aug_key, k_before, k_after = jax.random.split(key, 3)
-    x = normalize(augment(aug_key, images, train_cfg.pad, train_cfg.flip))
+    x = train_inputs(aug_key, images, train_cfg)
     (_, lb), _ = model.apply(_variables(before), x, train=True, mutable=["batch_stats"],
                              rngs={"dropout": k_before})
     (_, la), updates = model.apply(_variables(after), x, train=True, mutable=["batch_stats"],
@@ -136,7 +136,7 @@ def received_stats(model, server_params, server_stats, images: jax.Array, order:
 
   def contribution(k, imgs):
     aug_key, drop_key = jax.random.split(k)
-    x = normalize(augment(aug_key, imgs, train_cfg.pad, train_cfg.flip))
+    x = train_inputs(aug_key, imgs, train_cfg)
     _, upd = model.apply({"params": server_params, "batch_stats": zeros}, x, train=True,
                          method=type(model).embed, mutable=["batch_stats"],
                          rngs={"dropout": drop_key})

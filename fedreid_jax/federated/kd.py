@@ -36,7 +36,7 @@ from fedreid_jax.federated import local as local_lib
 from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated.state import ServerState
 from fedreid_jax.federated.tracing import jit_counted
-from fedreid_jax.models.preprocess import augment, l2_normalize, normalize
+from fedreid_jax.models.preprocess import l2_normalize, train_inputs
 
 MODES = ("default", "reference")
 
@@ -71,7 +71,7 @@ def make_kd_step(model, kd_cfg, train_cfg, tx: optax.GradientTransformation):
 
   def step(params, stats, opt_state, teachers, images, key):
     aug_key, t_key, s_key = jax.random.split(key, 3)
-    x = normalize(augment(aug_key, images, train_cfg.pad, train_cfg.flip))
+    x = train_inputs(aug_key, images, train_cfg)
     target = jax.lax.stop_gradient(teacher_embedding(
         model, teachers, x, kd_cfg.normalize_teachers, reference, t_key))
 

@@ -21,7 +21,7 @@ import optax
 from jax import lax
 
 from fedreid_jax.federated.state import ClientStates
-from fedreid_jax.models.preprocess import augment, normalize
+from fedreid_jax.models.preprocess import train_inputs
 
 
 def sgd(lr: float, cfg) -> optax.GradientTransformation:
@@ -66,7 +66,7 @@ def make_local_step(model, tx: optax.GradientTransformation, train_cfg):
   def do_step(state: ClientStates, images, labels):
     key = jax.random.fold_in(state.rng, state.step)
     aug_key, dropout_key = jax.random.split(key)
-    x = normalize(augment(aug_key, images, train_cfg.pad, train_cfg.flip))
+    x = train_inputs(aug_key, images, train_cfg)
     (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, x, labels, state.num_classes, dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
