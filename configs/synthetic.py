@@ -33,10 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.small_stem = False
   c.model.embed_dim = 512
   c.model.dropout = 0.5
-  # auto | xla | patches: conv lowering (fedreid_jax/models/conv.py). The default run
-  # keeps XLA's convolutions, so the README's figures stay what this config prints;
-  # `auto` is what to use for full-width ResNets on a CPU (README, "Speed and precision").
-  c.model.conv_impl = "xla"
+  # auto | xla | patches: conv lowering (fedreid_jax/models/conv.py; README "Speed and
+  # precision"). auto: XLA's convolutions on GPU/TPU; on CPU im2col + matmul where XLA's
+  # CPU convolution is slow, and CPU-friendly gradients. xla: the plain flax model.
+  c.model.conv_impl = "auto"
   c.model.dtype = "float32"  # float32 | bfloat16: compute dtype (params, optimizer, BN stats f32)
   # A torchvision ResNet weights file for the backbone (README, "Pretrained backbones");
   # "": random initialisation.
