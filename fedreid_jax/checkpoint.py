@@ -4,15 +4,20 @@ PRNG keys are stored as raw key data. Whether a checkpoint fits is derived
 from the state itself: a saved state whose arrays differ in number, shape or
 dtype from the current config's is refused (`CheckpointMismatch`, naming the
 first differing array); fields that change a run's meaning without changing
-shapes are checked by `run_config`. Each checkpoint's files are hashed on
-save and verified before a restore; a damaged one falls back to the previous.
+shapes are checked by `run_config`. Each checkpoint's files are hashed once
+written and verified before a restore; a damaged one falls back to the
+previous. `Checkpoints` writes in the background (Orbax's async save): the
+loop waits only for the copy to host memory.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -48,10 +53,14 @@ def shape_mismatches(manager: ocp.CheckpointManager, step: int, like) -> list[st
   return out
 
 
-def make_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+def make_manager(workdir: str, max_to_keep: int = 2, on_written=None) -> ocp.CheckpointManager:
+  """Orbax's manager of `<workdir>/checkpoints`, saving asynchronously;
+  `on_written()` runs in Orbax's thread once a write has finished."""
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+          async_options=ocp.AsyncOptions(post_finalization_callback=on_written)),
       item_names=("state",), item_handlers={"state": ocp.StandardCheckpointHandler()})
 
 
@@ -86,19 +95,124 @@ def file_digests(folder: str) -> dict[str, str]:
   return out
 
 
-def save(manager: ocp.CheckpointManager, round_index: int, state) -> None:
-  """Saves `state` (any pytree of arrays) as step `round_index` (rounds done),
-  then the sha256 of each of its files (`<workdir>/checksums/<step>.json`)."""
-  manager.save(round_index, args=ocp.args.Composite(state=ocp.args.StandardSave(_unkey(state))))
-  manager.wait_until_finished()
-  hosts.barrier(f"checkpoint {round_index} written")  # several hosts: every shard is on disk
+def start_save(manager: ocp.CheckpointManager, step: int, state) -> None:
+  """Starts writing `state` (any pytree of arrays) as `step`; returns once
+  Orbax has copied it to host memory (the arrays may then change or be
+  donated). Any earlier checksums of `step` (a step of an earlier run,
+  removed as damaged) are deleted first."""
+  if hosts.is_main() and os.path.exists(_checksum_path(manager, step)):
+    os.remove(_checksum_path(manager, step))
+  with full_disk_as_oserror(_step_dir(manager, step)):
+    started = manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_unkey(state))))
+  if not started:  # Orbax skips a step not above its latest: nothing must be hashed
+    raise RuntimeError(f"Orbax skipped saving step {step} (latest {manager.latest_step()})")
+
+
+def wait_written(manager: ocp.CheckpointManager, step: int) -> None:
+  """Blocks until the write in flight (`step`) has finished; raises its error,
+  a full disk as OSError(ENOSPC)."""
+  with full_disk_as_oserror(_step_dir(manager, step)):
+    manager.wait_until_finished()
+
+
+def write_checksums(manager: ocp.CheckpointManager, step: int) -> None:
+  """Process 0 writes the sha256 of each of finished `step`'s files
+  (`<workdir>/checksums/<step>.json`) once every process has written its
+  part. Collective: every process calls it."""
+  hosts.barrier(f"checkpoint {step} written")  # several hosts: every shard is on disk
   if hosts.is_main():
-    path = _checksum_path(manager, round_index)
+    path = _checksum_path(manager, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(file_digests(_step_dir(manager, round_index)), f)
+      json.dump(file_digests(_step_dir(manager, step)), f)
     os.replace(path + ".tmp", path)
-  hosts.barrier(f"checkpoint {round_index} hashed")
+  hosts.barrier(f"checkpoint {step} hashed")
+
+
+@contextlib.contextmanager
+def full_disk_as_oserror(path: str):
+  """Tensorstore reports a full disk as a ValueError naming OS error 28; this
+  re-raises it as OSError(ENOSPC, path), which `disk_full_guard` explains."""
+  try:
+    yield
+  except ValueError as e:
+    if "os_error_code='28'" in str(e) or "No space left on device" in str(e):
+      raise OSError(errno.ENOSPC, "No space left on device", path) from e
+    raise
+
+
+class Checkpoints:
+  """A workdir's checkpoints, each written in the background while training goes on.
+
+  `save` returns once Orbax has copied the state to host memory (the next
+  round may donate or change it) and first finishes the previous write. A
+  step is hashed only once its write has finished: in the next `save`, in
+  `finish` or in `close`. `saved` is the newest finished step (the restored
+  one at first), `in_flight` the one being written. A write's error (a full
+  disk: OSError ENOSPC) is raised by the call that finishes it. On several
+  hosts every process calls `save` and `finish` at the same points (their
+  barriers are collective)."""
+
+  def __init__(self, workdir: str, keep: int = 2):
+    self.manager = make_manager(workdir, keep, on_written=self._on_written)
+    self.saved, self.in_flight = 0, None
+    self._times = {}  # the write in flight: start, copy seconds, written-at
+
+  def _on_written(self) -> None:  # Orbax's thread, once the write has finished
+    self._times["written"] = time.perf_counter()
+
+  def restore_latest(self, like):
+    """`restore_latest` after finishing any write in flight; sets `saved`."""
+    self.finish()
+    self.saved, state = restore_latest(self.manager, like)
+    return self.saved, state
+
+  def save(self, step: int, state) -> None:
+    """Finishes the previous write, then starts writing `state` as `step`."""
+    self.finish()
+    self._times = {"start": time.perf_counter()}
+    start_save(self.manager, step, state)
+    self.in_flight = step
+    self._times["copy"] = time.perf_counter() - self._times["start"]
+
+  def finish(self) -> None:
+    """Waits for the write in flight, then hashes it (collective)."""
+    step = self.in_flight
+    if step is None:
+      return
+    begin = time.perf_counter()
+    try:
+      wait_written(self.manager, step)
+    finally:
+      self.in_flight = None  # failed or finished: never hashed later
+    waited = time.perf_counter() - begin
+    write_checksums(self.manager, step)
+    self.saved = step
+    hashed = time.perf_counter() - begin - waited
+    t = self._times
+    logging.info("checkpoint of round %d: training waited %.2f s (copy to host %.2f s, end of "
+                 "the write %.2f s, checksums %.2f s); written in %.2f s", step,
+                 t["copy"] + waited + hashed, t["copy"], waited, hashed,
+                 t.get("written", begin + waited) - t["start"])
+
+  def __enter__(self) -> "Checkpoints":
+    return self
+
+  def __exit__(self, exc_type, *exc) -> None:
+    self.close(failed=exc_type is not None)
+
+  def close(self, failed: bool = False) -> None:
+    """Finishes the write in flight and closes the manager. After an error
+    (`failed`) on several hosts, possibly one host's, the write is only
+    waited for (by Orbax), without checksums: their barriers could hang."""
+    try:
+      if failed and hosts.is_multihost():
+        self.in_flight = None
+      else:
+        self.finish()
+    finally:
+      self.manager.close()
 
 
 def verify(manager: ocp.CheckpointManager, step: int) -> str | None:
@@ -122,8 +236,11 @@ def restore_latest(manager: ocp.CheckpointManager, like):
   """(rounds done, state shaped like `like`) from the newest intact checkpoint,
   or (0, like) when there is none. A damaged checkpoint (checksum mismatch,
   missing or unreadable files) is reported in one log line and the previous
-  one is tried; nothing of a damaged one is used."""
+  one is tried; nothing of a damaged one is used. Once an older one is
+  restored, the damaged newer ones are deleted (their rounds are trained and
+  saved again; Orbax would skip saving a step it still lists)."""
   steps = sorted(manager.all_steps(), reverse=True)
+  damaged = []
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         _unkey(like))
   for step in steps:
@@ -147,7 +264,9 @@ def restore_latest(manager: ocp.CheckpointManager, like):
     if problem is not None:
       logging.warning("checkpoint of round %d in %s is damaged (%s); trying an older one",
                       step, manager.directory, problem)
+      damaged.append(step)
       continue
+    _delete_damaged(manager, damaged)
     state = jax.tree.map(lambda ref, x: jax.random.wrap_key_data(x) if _is_key(ref) else x,
                          like, restored.state)
     return int(step), state
@@ -156,6 +275,17 @@ def restore_latest(manager: ocp.CheckpointManager, like):
                             f"{sorted(steps)}) is damaged; move that folder aside to start "
                             "over")
   return 0, like
+
+
+def _delete_damaged(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Deletes damaged `steps` (collective on several hosts) and their checksums."""
+  for step in steps:
+    manager.delete(step)
+    if hosts.is_main() and os.path.exists(_checksum_path(manager, step)):
+      os.remove(_checksum_path(manager, step))
+  if steps:
+    logging.warning("deleted the damaged checkpoint(s) of round(s) %s; those rounds are "
+                    "trained again", ", ".join(map(str, steps)))
 
 
 def has_checkpoint(workdir: str) -> bool:

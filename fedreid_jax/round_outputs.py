@@ -67,9 +67,10 @@ def export_if_best(server, config, workdir: str, round_done: int, results: dict)
 
 
 @contextlib.contextmanager
-def disk_full_guard(workdir: str, stop):
+def disk_full_guard(workdir: str, checkpoints):
   """Turns 'no space left on device' anywhere in the loop into one line that
-  says what to do and where the run will resume."""
+  says what to do and where the run will resume (`checkpoints.saved`: the
+  newest finished checkpoint)."""
   try:
     yield
   except OSError as e:
@@ -80,4 +81,4 @@ def disk_full_guard(workdir: str, stop):
       raise
     where = getattr(err, "filename", None) or workdir
     raise DiskFull(f"no space left on device while writing {where}; free space and rerun the "
-                   f"same command: it resumes from round {stop.last_saved}") from e
+                   f"same command: it resumes from round {checkpoints.saved}") from e

@@ -1,6 +1,6 @@
 """SIGTERM / SIGINT (Ctrl-C) during training: finish the round, save, exit.
 
-    with StopOnSignal() as stop:
+    with StopOnSignal(checkpoints) as stop:
       for r in ...:
         train a round, log, checkpoint
         if stop.requested:
@@ -9,8 +9,9 @@
 The first signal sets `requested` (the loop finishes the round in flight,
 saves a checkpoint and stops with a one-line message); a second signal stops
 at once with `errors.Interrupted`, losing only the rounds since the last
-checkpoint. Handlers are installed only in the main thread and restored on
-exit.
+checkpoint (`checkpoints.saved`, or the write in flight, which the loop's
+cleanup finishes). Handlers are installed only in the main thread and
+restored on exit.
 """
 from __future__ import annotations
 
@@ -26,17 +27,19 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StopOnSignal:
   """Context manager recording the first stop signal; see the module docstring."""
 
-  def __init__(self, last_saved: int = 0):
+  def __init__(self, checkpoints):
     self.requested: str | None = None  # the signal's name once one arrived
-    self.last_saved = last_saved  # rounds in the latest checkpoint (the loop keeps it current)
+    self.checkpoints = checkpoints  # `.saved`, `.in_flight`: see `checkpoint.Checkpoints`
     self._previous = {}
 
   def _handle(self, signum, frame):
     del frame
     name = signal.Signals(signum).name
     if self.requested:
+      # a write in flight is finished on the way out (its error, if any, replaces this one)
+      held = self.checkpoints.in_flight or self.checkpoints.saved
       raise Interrupted(f"stopped at once by a second {name}; the latest checkpoint holds "
-                        f"{self.last_saved} rounds; rerun the same command to resume from it")
+                        f"{held} rounds; rerun the same command to resume from it")
     self.requested = name
     logging.warning("%s received: finishing this round, then saving a checkpoint and stopping "
                     "(send it again to stop at once)", name)

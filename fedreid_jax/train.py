@@ -271,12 +271,11 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
   logging.info("clients: %s", ", ".join(f"{c.name} ({len(c.train)} imgs, {c.num_train_ids} ids)"
                                          for c in clients_data))
   exp = Experiment(config, clients_data, public)
-  manager = checkpoint.make_manager(workdir, config.checkpoint_keep)
+  ckpts = checkpoint.Checkpoints(workdir, config.checkpoint_keep)
   try:
-    start, (exp.server, exp.clients) = checkpoint.restore_latest(
-        manager, (exp.server, exp.clients))
+    start, (exp.server, exp.clients) = ckpts.restore_latest((exp.server, exp.clients))
   except Exception:
-    manager.close()
+    ckpts.close()
     raise
   if start:
     logging.info("resumed from %s after round %d", workdir, start)
@@ -289,10 +288,10 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
   bar = tqdm.tqdm(total=config.fed.rounds, initial=start, desc=f"{config.fed.algorithm} rounds",
                   unit="round", disable=not main)
   results = {}
-  stop = StopOnSignal(last_saved=start)
-  try:
-    with stop, disk_full_guard(workdir, stop):
-      _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, results)
+  stop = StopOnSignal(ckpts)
+  try:  # leaving `ckpts` finishes the write in flight; a full disk there is explained too
+    with stop, disk_full_guard(workdir, ckpts), ckpts:
+      _train_rounds(exp, config, workdir, start, ckpts, writer, bar, stop, results)
       if not results:  # resumed a finished run: evaluate the restored state
         results.update(exp.evaluate(config.eval.client_models))
       if main:
@@ -306,14 +305,15 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
   finally:
     bar.close()
     writer.close()
-    manager.close()
   return results
 
 
-def _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, results) -> None:
-  """Rounds `start..config.fed.rounds-1`: train, log, evaluate, checkpoint;
-  `results` receives the latest evaluation. A stop signal ends the loop after
-  the round in flight, with a checkpoint of it (`errors.Interrupted`)."""
+def _train_rounds(exp, config, workdir, start, ckpts, writer, bar, stop, results) -> None:
+  """Rounds `start..config.fed.rounds-1`: train, log, evaluate, checkpoint
+  (written while the next round trains; the last may still be in flight on
+  return); `results` receives the latest evaluation. A stop signal ends the
+  loop after the round in flight, with a finished checkpoint of it
+  (`errors.Interrupted`)."""
   rounds = config.fed.rounds
   for r in range(start, rounds):
     t0 = time.time()
@@ -352,9 +352,9 @@ def _train_rounds(exp, config, workdir, start, manager, writer, bar, stop, resul
     if hosts.any_host(bool(stop.requested)) and not stop.requested:  # a signal elsewhere
       stop.requested = "a stop signal on another host"
     if (r + 1) % config.checkpoint_every == 0 or last or stop.requested:
-      checkpoint.save(manager, r + 1, (exp.server, exp.clients))
-      stop.last_saved = r + 1
+      ckpts.save(r + 1, (exp.server, exp.clients))
     if stop.requested and not last:
+      ckpts.finish()  # the message says it is saved
       raise Interrupted(f"stopped by {stop.requested} after round {r + 1} of {rounds}; saved "
                         f"a checkpoint of round {r + 1} in {workdir!r}; rerun the same "
                         "command to resume")

@@ -133,10 +133,9 @@ for sizes, layouts in ((FOUR, (1, 2, 4)), (NINE, (4,))):
     assert not compiled, compiled
     if n == 4 and len(sizes) == 9:
       workdir = tempfile.mkdtemp()  # a checkpoint restores onto the split layout
-      manager = checkpoint.make_manager(workdir)
-      checkpoint.save(manager, 2, (exp.server, exp.clients))
-      step, (server, clients) = checkpoint.restore_latest(manager, (exp.server, exp.clients))
-      manager.close()
+      with checkpoint.Checkpoints(workdir) as ckpts:
+        ckpts.save(2, (exp.server, exp.clients))
+        step, (server, clients) = ckpts.restore_latest((exp.server, exp.clients))
       assert step == 2 and worst(exp, types.SimpleNamespace(server=server, clients=clients), 9) == 0
       assert jax.tree.leaves(clients)[0].sharding == sharding
 # client sampling: 3 of 4 clients a round; the state stays split, the selected rows
