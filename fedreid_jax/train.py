@@ -59,10 +59,9 @@ class Experiment:
     rows = 1 if self.spec.centralised else len(clients_data)  # clients in the state
     self.num_selected = sampling.num_selected(cfg.fed.clients_per_round, rows)
     devices = device_queues.queue_devices(cfg.fed.num_devices)
-    # `devices`, every client selected: the client state split over a `clients` mesh
-    # from the start (over the most devices dividing the client count; every host's)
-    reference_cdw = self.spec.cdw and cfg.cdw.mode == "reference"  # chains [S] statistics
-    split = cfg.fed.strategy == "devices" and not (reference_cdw and self.num_selected < rows)
+    # `devices`: the client state split over a `clients` mesh from the start (over the
+    # most devices dividing the client count; every host's)
+    split = cfg.fed.strategy == "devices"
     self.state_mesh = (device_queues.state_mesh(
         rows, jax.devices() if hosts.is_multihost() else devices,
         [plan_lib.num_steps(len(c.train), cfg.train.batch_size, cfg.train.local_epochs)
@@ -159,16 +158,19 @@ class Experiment:
     selected = self.stages.broadcast(self.server, self.clients, chosen)
     own_ids = [int(c) for c in ids if int(c) in self.own]  # all, on one host
     measuring = self.stages.measure is not None
-    # split state: each client measured where it lives, on its own batch (a host may
-    # hold no selected client); else, and for the reference CDW, the batches stacked
+    # split state: each client measured (and, for the reference CDW, its statistics
+    # pass run) where it lives, on its own batch (a host may hold no selected client);
+    # else the batches stacked
     batches = ({c: self.inputs.measurement_one(c, round_index, cfg.cdw.batch_size)
                 for c in own_ids} if measuring and rows else {})
     batch = (self.inputs.measurement_batch(own_ids, round_index, cfg.cdw.batch_size)
-             if measuring and (not rows or self.received_stats is not None) else None)
+             if measuring and not rows else None)
     if self.received_stats is not None:  # reference CDW: statistics changed in flight
-      order = jnp.asarray(sampling.round_order(cfg.seed, round_index, len(ids)))
-      selected = algorithms.with_received_stats(
-          selected, self.received_stats(self.server, batch["image"], order))
+      order = sampling.round_order(cfg.seed, round_index, len(ids))
+      selected = (self.received_stats.into_rows(
+          self.server, selected, {c: b["image"] for c, b in batches.items()}, ids, order, mask)
+                  if rows else algorithms.with_received_stats(
+          selected, self.received_stats(self.server, batch["image"], jnp.asarray(order))))
     streams = [self.inputs.stream(c, round_index) if c in own_ids else None
                for c in lanes]  # several hosts: each reads its own clients' data
     trained, metrics = self.execute(

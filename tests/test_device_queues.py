@@ -204,11 +204,13 @@ from fedreid_jax import train
 from fedreid_jax.federated.tracing import TRACE_COUNTS
 assert jax.device_count() == 4
 FOUR = ((4, 10), (3, 6), (2, 8), (2, 12))
-for per_round in (0, 3):  # every client; 3 of 4 (the fourth kept as it is)
+# every client; 3 of 4 (the fourth kept as it is); the reference CDW (statistics
+# chained through the round's clients) computed client by client where each lives
+for mode, per_round in (("default", 0), ("default", 3), ("reference", 0), ("reference", 3)):
   out = {}
   for strategy in ("serial", "devices"):
     cfg = fakes.tiny_config(**{"fed.strategy": strategy, "fed.algorithm": "fedpav_cdw",
-                               "fed.clients_per_round": per_round})
+                               "fed.clients_per_round": per_round, "cdw.mode": mode})
     exp = train.Experiment(cfg, fakes.fake_clients(FOUR))
     TRACE_COUNTS.clear()
     out[strategy] = (exp, exp.train_round(0), dict(TRACE_COUNTS))
@@ -223,7 +225,10 @@ for per_round in (0, 3):  # every client; 3 of 4 (the fourth kept as it is)
   worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
       jax.tree.leaves((serial.server.params, serial.clients.params)),
       jax.tree.leaves((devices.server.params, devices.clients.params))))
-  print(per_round or 4, "of 4: cdw weights", {k: round(rec_d[k], 4) for k in keys if k.endswith("weight")},
+  if mode == "reference":
+    assert "received_stats" in traces_s and "received_stats" not in traces_d
+    assert traces_d["received_stats/one"] == 1 and traces_d["received_stats/rows"] == 1
+  print(mode, per_round or 4, "of 4: cdw weights", {k: round(rec_d[k], 4) for k in keys if k.endswith("weight")},
         "max |diff|", worst)
   assert worst < 1e-6
 # a host holding no selected client this round (sampling over several hosts) measures
@@ -246,5 +251,6 @@ def test_devices_strategy_measures_cdw_where_each_client_lives():
   client and 3 of 4: each selected client is measured on its own device (the
   whole-round measure stage, which over a split client axis compiles to
   all-gathers of every client's state, is never traced); distances, weights,
-  the server and every client equal `serial`'s."""
+  the server and every client equal `serial`'s. The same with the reference
+  CDW, whose received statistics are computed client by client."""
   _run_on_four_devices(CDW_FOUR_DEVICES)

@@ -117,7 +117,7 @@ def test_blocks_of_clients_go_to_hosts_by_load():
 
 
 MULTIHOST_RUN = """
-import json, sys
+import json, os, sys
 sys.path.insert(0, "tests")
 import fakes
 from fedreid_jax import hosts, train
@@ -126,7 +126,8 @@ num_processes, process_id, port, workdir, rounds = sys.argv[1:6]
 NINE = ((4, 12), (4, 8), (3, 8), (3, 6), (2, 8), (2, 6), (2, 5), (2, 4), (2, 4))
 cfg = fakes.tiny_config(**{"fed.strategy": "devices", "fed.rounds": int(rounds),
                            "fed.algorithm": "fedpav_kd_cdw", "kd.every_rounds": 2,
-                           "eval.every_rounds": 1, "eval.client_models": True})
+                           "eval.every_rounds": 1, "eval.client_models": True,
+                           **json.loads(os.environ.get("TEST_OVERRIDES", "{}"))})
 cfg.hosts.num_processes, cfg.hosts.process_id = int(num_processes), int(process_id)
 cfg.hosts.coordinator_address, cfg.hosts.timeout_s = f"localhost:{port}", 60
 if len(sys.argv) > 6:  # this process was started with another config
@@ -148,9 +149,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(num_processes: int, devices: int, workdir: str, rounds: int, extra=()):
-  """Starts the processes of one run; returns their (returncode, stdout, stderr)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
+def _launch(num_processes: int, devices: int, workdir: str, rounds: int, extra=(),
+            overrides=None):
+  """Starts the processes of one run (`overrides`: config fields over the
+  script's); returns their (returncode, stdout, stderr)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TEST_OVERRIDES=json.dumps(overrides or {}),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
              "--xla_cpu_multi_thread_eigen=false")
   port = _free_port()
@@ -240,6 +243,33 @@ def _cli(workdir: str, port: int, process_id: int, *overrides: str, env=None):
        f"--config.hosts.coordinator_address=localhost:{port}", "--config.hosts.timeout_s=60",
        *overrides], cwd=ROOT, env=env or dict(os.environ, JAX_PLATFORMS="cpu"),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_hosts_reference_cdw_with_sampling_equal_one_host(tmp_path):
+  """The reference CDW (each client receives the BatchNorm statistics left by
+  the train-mode passes of the round's clients before it) with 5 of 9 clients
+  a round: every pass runs on the host holding its client, the contributions
+  are combined over hosts. Two processes x 2 devices against one x 4: round
+  1's records (distances, weights, losses) and evaluation to float rounding."""
+  reason = _gloo_missing()
+  if reason:
+    print("skipped:", reason)
+    pytest.skip(reason)
+  overrides = {"fed.algorithm": "fedpav_cdw", "cdw.mode": "reference",
+               "fed.clients_per_round": 5}
+  one_dir, two_dir = str(tmp_path / "one"), str(tmp_path / "two")
+  _results(_launch(1, 4, one_dir, 1, overrides=overrides)[0])
+  two = [_results(out) for out in _launch(2, 2, two_dir, 1, overrides=overrides)]
+  assert two[0] == two[1] and len(two[0]["global"]) == 9
+  for kind, (rel, abs_) in (("train", (1e-5, 1e-6)), ("eval", (0.0, 1e-6))):
+    one_rec, two_rec = _records(one_dir, kind)[0], _records(two_dir, kind)[0]
+    assert set(one_rec) == set(two_rec)
+    if kind == "train":
+      assert len([k for k in one_rec if k.endswith("/cdw_distance")]) == 5
+    for key, value in one_rec.items():
+      if key not in ("train/makespan_ratio", "train/device_idle"):  # the schedules differ
+        assert two_rec[key] == pytest.approx(value, rel=rel, abs=abs_), key
 
 
 def test_hosts_that_disagree_on_the_config_stop_before_compiling(tmp_path):

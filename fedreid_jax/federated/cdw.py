@@ -117,32 +117,24 @@ def cdw_weights(trained: ClientStates, measured) -> jax.Array:
   return normalized_weights(measured[DISTANCE])
 
 
-def received_stats(model, server_params, server_stats, images: jax.Array, order: jax.Array,
-                   train_cfg, key: jax.Array):
-  """Reference quirk: the BatchNorm statistics each selected client receives.
-
-  In the reference, a client's CDW pass runs the global model in train mode,
-  updating its running statistics in place, and the next client of the round
-  receives those. A train-mode pass normalises with batch statistics, so each
-  pass's contribution b_p is independent of the running values: starting
-  from zero statistics, one pass gives (1 - m) b_p, and the client at
-  position p of `order` receives S_p = m S_{p-1} + (1 - m) b_{p-1}, S_0 = the
-  server's.
-  Args: images `[S, B, H, W, 3]` uint8 (each client's CDW batch); order `[S]`
-  the clients' lanes in the round's order. Returns stats `[S, ...]` by lane.
-  """
+def stat_contribution(model, server_params, server_stats, images: jax.Array, key: jax.Array,
+                      train_cfg):
+  """One client's reference-CDW pass: the global model in train mode on the
+  client's batch (uint8 `[B, H, W, 3]`), from zero running statistics; returns
+  the statistics it leaves, (1 - m) b (see `received_stats`)."""
   zeros = jax.tree.map(jnp.zeros_like, server_stats)
-  keys = jax.random.split(key, images.shape[0])
+  aug_key, drop_key = jax.random.split(key)
+  x = train_inputs(aug_key, images, train_cfg)
+  _, upd = model.apply({"params": server_params, "batch_stats": zeros}, x, train=True,
+                       method=type(model).embed, mutable=["batch_stats"],
+                       rngs={"dropout": drop_key})
+  return upd["batch_stats"]
 
-  def contribution(k, imgs):
-    aug_key, drop_key = jax.random.split(k)
-    x = train_inputs(aug_key, imgs, train_cfg)
-    _, upd = model.apply({"params": server_params, "batch_stats": zeros}, x, train=True,
-                         method=type(model).embed, mutable=["batch_stats"],
-                         rngs={"dropout": drop_key})
-    return upd["batch_stats"]
 
-  contributions = jax.lax.map(lambda a: contribution(*a), (keys, images))  # [S, ...] by lane
+def chain_stats(server_stats, contributions, order: jax.Array):
+  """The statistics each client receives when the passes run in `order`:
+  S_p = m S_{p-1} + c_{order[p-1]}, S_0 = the server's. `contributions`
+  `[S, ...]` and the result `[S, ...]` by lane; `order` `[S]` lanes."""
   momentum = 0.9  # resnet.BatchNorm's
 
   def step(stats, lane):
@@ -152,3 +144,24 @@ def received_stats(model, server_params, server_stats, images: jax.Array, order:
   _, by_position = jax.lax.scan(step, server_stats, order)  # [S, ...] by position
   inverse = jnp.argsort(order)
   return jax.tree.map(lambda x: x[inverse], by_position)
+
+
+def received_stats(model, server_params, server_stats, images: jax.Array, order: jax.Array,
+                   train_cfg, key: jax.Array):
+  """Reference quirk: the BatchNorm statistics each selected client receives.
+
+  In the reference, a client's CDW pass runs the global model in train mode,
+  updating its running statistics in place, and the next client of the round
+  receives those. A train-mode pass normalises with batch statistics, so each
+  pass's contribution b_p is independent of the running values: starting
+  from zero statistics, one pass gives (1 - m) b_p (`stat_contribution`), and
+  the client at position p of `order` receives S_p = m S_{p-1} + (1 - m)
+  b_{p-1}, S_0 = the server's (`chain_stats`).
+  Args: images `[S, B, H, W, 3]` uint8 (each client's CDW batch); order `[S]`
+  the clients' lanes in the round's order; lane i draws `split(key, S)[i]`.
+  Returns stats `[S, ...]` by lane.
+  """
+  keys = jax.random.split(key, images.shape[0])
+  contributions = jax.lax.map(lambda a: stat_contribution(
+      model, server_params, server_stats, a[1], a[0], train_cfg), (keys, images))
+  return chain_stats(server_stats, contributions, order)
