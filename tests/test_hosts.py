@@ -186,29 +186,39 @@ def _gloo_missing() -> str | None:
   return None
 
 
+# Round 1's train record, one process x 4 devices against two x 2, largest relative
+# difference: 2.6e-7 with conv_impl="xla", 4.1e-4 with "auto" (client c0's CDW
+# distance after 12 steps; losses within 4e-5); the evaluation is identical. The cause
+# is the virtual devices per process (XLA:CPU compiles differently with them), not the
+# hosts: one process with 2 devices gives the two hosts' records bit for bit. auto's
+# im2col matmuls are more sensitive to it, and by round 2 the tiny model's training
+# has grown it to 3.5% in the mean loss, so the two-round comparison runs on "xla".
+XLA = {"model.conv_impl": "xla"}
+ROUND1_REL = {"xla": 1e-5, "auto": 5e-3}
+
+
 @pytest.mark.slow
 def test_two_hosts_equal_one_host_with_four_devices(tmp_path):
   """FedPav+KD+CDW, 9 clients, 2 rounds (KD after round 2): one process with 4
   devices against two processes with 2 devices each, the second resuming
-  round 2 from the two hosts' checkpoint of round 1. Round 1's per-client
-  record and evaluation agree to float rounding (~2e-7 in a parameter after
-  one round: XLA:CPU's results depend in the last bit on the virtual devices
-  per process); round 2's within what that grows to. In one process with 2
+  round 2 from the two hosts' checkpoint of round 1 (conv_impl="xla", see
+  ROUND1_REL). Round 1's per-client record and evaluation agree to float
+  rounding; round 2's within what that grows to. In one process with 2
   devices the clients train round 1 bit for bit as on the two hosts."""
   reason = _gloo_missing()
   if reason:
     print("skipped:", reason)
     pytest.skip(reason)
   one_dir, two_dir = str(tmp_path / "one"), str(tmp_path / "two")
-  _results(_launch(1, 4, one_dir, 2)[0])
-  for out in _launch(2, 2, two_dir, 1):
+  _results(_launch(1, 4, one_dir, 2, overrides=XLA)[0])
+  for out in _launch(2, 2, two_dir, 1, overrides=XLA):
     _results(out)
-  outs = _launch(2, 2, two_dir, 2)  # resumes after round 1
+  outs = _launch(2, 2, two_dir, 2, overrides=XLA)  # resumes after round 1
   two = [_results(out) for out in outs]
   assert "rounds:  50%" in outs[0][2]  # its bar starts at round 1 of 2: resumed
   assert two[0] == two[1]  # every host ends with every client's figures
   assert set(two[0]) == {"global", "client"} and len(two[0]["global"]) == 9
-  for kind, (rel, abs_) in (("train", (1e-5, 1e-6)), ("eval", (0.0, 1e-6))):
+  for kind, (rel, abs_) in (("train", (ROUND1_REL["xla"], 1e-6)), ("eval", (0.0, 1e-6))):
     one_rec, two_rec = _records(one_dir, kind), _records(two_dir, kind)
     assert [r["round"] for r in two_rec] == [1, 2]
     assert set(one_rec[0]) == set(two_rec[0]) and len(one_rec[0]) > 20
@@ -223,7 +233,7 @@ def test_two_hosts_equal_one_host_with_four_devices(tmp_path):
   # bit for bit as on the two hosts (CDW and KD then run other compiled forms there:
   # the state of 9 clients does not split over 2 devices)
   same_dir = str(tmp_path / "one_with_two")
-  _results(_launch(1, 2, same_dir, 1)[0])
+  _results(_launch(1, 2, same_dir, 1, overrides=XLA)[0])
   a, b = _records(same_dir, "train")[0], _records(two_dir, "train")[0]
   trained = [k for k in a if k.startswith("client/") and k.endswith(("/loss", "/accuracy"))]
   assert len(trained) == 18 and all(a[k] == b[k] for k in trained)
@@ -262,7 +272,7 @@ def test_two_hosts_reference_cdw_with_sampling_equal_one_host(tmp_path):
   _results(_launch(1, 4, one_dir, 1, overrides=overrides)[0])
   two = [_results(out) for out in _launch(2, 2, two_dir, 1, overrides=overrides)]
   assert two[0] == two[1] and len(two[0]["global"]) == 9
-  for kind, (rel, abs_) in (("train", (1e-5, 1e-6)), ("eval", (0.0, 1e-6))):
+  for kind, (rel, abs_) in (("train", (ROUND1_REL["auto"], 1e-6)), ("eval", (0.0, 1e-6))):
     one_rec, two_rec = _records(one_dir, kind)[0], _records(two_dir, kind)[0]
     assert set(one_rec) == set(two_rec)
     if kind == "train":
