@@ -190,8 +190,8 @@ def _gloo_missing() -> str | None:
 # difference: 2.6e-7 with conv_impl="xla", 4.1e-4 with "auto" (client c0's CDW
 # distance after 12 steps; losses within 4e-5); the evaluation is identical. The cause
 # is the virtual devices per process (XLA:CPU compiles differently with them), not the
-# hosts: one process with 2 devices gives the two hosts' records bit for bit. auto's
-# im2col matmuls are more sensitive to it, and by round 2 the tiny model's training
+# hosts: one process with 2 devices gives the two hosts' records bit for bit. "auto" is
+# more sensitive to it (not traced further), and by round 2 the tiny model's training
 # has grown it to 3.5% in the mean loss, so the two-round comparison runs on "xla".
 XLA = {"model.conv_impl": "xla"}
 ROUND1_REL = {"xla": 1e-5, "auto": 5e-3}
