@@ -205,10 +205,20 @@ class Checkpoints:
   def close(self, failed: bool = False) -> None:
     """Finishes the write in flight and closes the manager. After an error
     (`failed`) on several hosts, possibly one host's, the write is only
-    waited for (by Orbax), without checksums: their barriers could hang."""
+    waited for (by Orbax), without checksums: their barriers could hang. After
+    an error on one host, a failing write is logged, not raised: the error
+    that ended the run is the one reported."""
     try:
       if failed and hosts.is_multihost():
         self.in_flight = None
+      elif failed:
+        step = self.in_flight
+        try:
+          self.finish()
+        except Exception as e:  # the run's own error propagates
+          logging.error("the checkpoint write of round %s failed too (%s: %s); the latest "
+                        "intact checkpoint holds round %d", step, type(e).__name__, e,
+                        self.saved)
       else:
         self.finish()
     finally:

@@ -36,7 +36,7 @@ class StopOnSignal:
     del frame
     name = signal.Signals(signum).name
     if self.requested:
-      # a write in flight is finished on the way out (its error, if any, replaces this one)
+      # a write in flight is finished on the way out (its error, if any, is logged)
       held = self.checkpoints.in_flight or self.checkpoints.saved
       raise Interrupted(f"stopped at once by a second {name}; the latest checkpoint holds "
                         f"{held} rounds; rerun the same command to resume from it")

@@ -158,9 +158,9 @@ class Experiment:
     selected = self.stages.broadcast(self.server, self.clients, chosen)
     own_ids = [int(c) for c in ids if int(c) in self.own]  # all, on one host
     measuring = self.stages.measure is not None
-    # split state: each client measured (and, for the reference CDW, its statistics
-    # pass run) where it lives, on its own batch (a host may hold no selected client);
-    # else the batches stacked
+    # split state: each client measured where it lives (and, for the reference CDW, its
+    # statistics pass run on the host holding it), on its own batch (a host may hold no
+    # selected client); else the batches stacked
     batches = ({c: self.inputs.measurement_one(c, round_index, cfg.cdw.batch_size)
                 for c in own_ids} if measuring and rows else {})
     batch = (self.inputs.measurement_batch(own_ids, round_index, cfg.cdw.batch_size)
@@ -296,6 +296,7 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
       _train_rounds(exp, config, workdir, start, ckpts, writer, bar, stop, results)
       if not results:  # resumed a finished run: evaluate the restored state
         results.update(exp.evaluate(config.eval.client_models))
+      ckpts.finish()  # results.json says the run is done: its last checkpoint is written
       if main:
         with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
           json.dump(results, f, indent=2)

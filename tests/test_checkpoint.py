@@ -96,6 +96,21 @@ def test_a_write_error_in_orbax_thread_is_raised_by_the_next_save(tmp_path, monk
   assert ckpts.manager.all_steps() == []
 
 
+def test_a_run_ending_on_its_own_error_reports_it_not_the_failing_write(tmp_path,
+                                                                          monkeypatch, caplog):
+  """An error that ends the run (here a RuntimeError) stays the error raised
+  when the write in flight then fails too; that failure is logged."""
+  def full(self):
+    raise ValueError(FULL_DISK)
+  monkeypatch.setattr(checkpoint.Checkpoints, "_on_written", full)
+  with pytest.raises(RuntimeError, match="the run's own error"):
+    with checkpoint.Checkpoints(str(tmp_path)) as ckpts:
+      ckpts.save(1, _state(1))
+      raise RuntimeError("the run's own error")
+  assert "the checkpoint write of round 1 failed too (OSError" in caplog.text
+  assert not (tmp_path / "checksums" / "1.json").exists()
+
+
 def test_a_full_disk_during_a_background_write_is_one_line_and_the_run_resumes(tmp_path,
                                                                                monkeypatch):
   cfg = fakes.tiny_config(**{"fed.rounds": 3, "eval.client_models": False})

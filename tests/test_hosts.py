@@ -282,6 +282,31 @@ def test_two_hosts_reference_cdw_with_sampling_equal_one_host(tmp_path):
         assert two_rec[key] == pytest.approx(value, rel=rel, abs=abs_), key
 
 
+@pytest.mark.slow
+def test_a_host_without_selected_clients_takes_part_in_every_collective(tmp_path):
+  """One client a round (seed 0 picks c6, then c5): in round 1 host 1
+  (rows 3-5) holds no selected client, in round 2 host 0 (rows 0-2, 6-8) none.
+  The idle host still joins the training, reference-CDW and measurement
+  collectives; both rounds equal one process with 4 devices."""
+  reason = _gloo_missing()
+  if reason:
+    print("skipped:", reason)
+    pytest.skip(reason)
+  overrides = {**XLA, "fed.algorithm": "fedpav_cdw", "cdw.mode": "reference",
+               "fed.clients_per_round": 1}
+  one_dir, two_dir = str(tmp_path / "one"), str(tmp_path / "two")
+  _results(_launch(1, 4, one_dir, 2, overrides=overrides)[0])
+  two = [_results(out) for out in _launch(2, 2, two_dir, 2, overrides=overrides)]
+  assert two[0] == two[1]
+  one_rec, two_rec = _records(one_dir, "train"), _records(two_dir, "train")
+  assert [sorted(k for k in r if k.endswith("/cdw_distance")) for r in two_rec] == [
+      ["client/c6/cdw_distance"], ["client/c5/cdw_distance"]]
+  for a, b in zip(one_rec, two_rec):
+    for key, value in a.items():
+      if key not in ("train/makespan_ratio", "train/device_idle"):
+        assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
 def test_hosts_that_disagree_on_the_config_stop_before_compiling(tmp_path):
   """Two command lines that differ in one override: both stop with one line
   naming the field, before any data or workdir is touched."""

@@ -56,7 +56,9 @@ def test_always_erases_one_rectangle_inside_the_image(ones):
     assert h < H and w < W and top + h <= H and left + w <= W
     assert 0.3 * 0.7 <= h / w <= 1 / (0.3 * 0.7)  # the drawn ratio, up to rounding of short sides
     assert 0.015 * H * W <= h * w <= 0.42 * H * W
-  assert {b[0] for b in boxes} != {0} and {b[1] for b in boxes} != {0}  # placed, not pinned
+  # placed uniformly with the far edges reachable (the reference's inclusive randint)
+  assert min(b[0] for b in boxes) == 0 and max(b[0] + b[2] for b in boxes) == H
+  assert min(b[1] for b in boxes) == 0 and max(b[1] + b[3] for b in boxes) == W
 
 
 def test_sizes_follow_the_reference_loop(ones):

@@ -34,7 +34,8 @@ def padded_size(real: int, batch_size: int) -> int:
 def embed_batches(embed_fn, variables, batches: Iterable[np.ndarray], batch_size: int,
                   image_shape: tuple[int, ...]) -> jax.Array:
   """Consecutive uint8 batches `[<=B, H, W, 3]` -> features `[N, E]` on the device;
-  a short batch is zero-padded to `padded_size` (at most four compiled shapes)."""
+  a short batch is zero-padded to `padded_size` (at most four compiled shapes when
+  B is a power of two, five otherwise)."""
   chunks = []
   for batch in batches:
     real = batch.shape[0]
