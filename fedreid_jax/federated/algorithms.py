@@ -94,9 +94,9 @@ def _merge_rows(selected, stats, row_position: jax.Array, mask: jax.Array):
   (`stats` `[S, ...]`, the shared BatchNorm statistics); the others keep theirs."""
   old = traverse_util.flatten_dict(flax.core.unfreeze(selected.batch_stats))
   new = traverse_util.flatten_dict(flax.core.unfreeze(stats))
-  keep = lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (o.ndim - 1)), n, o)
-  return with_received_stats(selected, traverse_util.unflatten_dict(
-      {path: keep(x[row_position], old[path]) for path, x in new.items()}))
+  return with_received_stats(selected, traverse_util.unflatten_dict(params_lib.where_rows(
+      mask, {path: x[row_position] for path, x in new.items()},
+      {path: old[path] for path in new})))
 
 
 def with_received_stats(selected, stats):

@@ -277,9 +277,7 @@ class DeviceQueues:
     for (device, start, stop, block_after), (_, _, _, block_before) in zip(
         blocks_after, blocks_before):
       for lane in range(start, stop):
-        if lane in measured:
-          continue
-        if lane not in batches:  # not selected this round: its row stays as it is
+        if lane in measured or lane not in batches:  # done, or not selected: row kept
           continue
         images, labels = (jax.device_put(x, device) for x in batches[lane])
         values[lane], measured[lane] = measure_one(

@@ -50,3 +50,9 @@ def weighted_mean(stacked, weights: jax.Array):
 def take_client(stacked, index):
   """Leaf `[S, ...]` -> `[...]` for one client."""
   return jax.tree.map(lambda x: x[index], stacked)
+
+
+def where_rows(mask: jax.Array, new, old):
+  """Leaves `[C, ...]`: `new`'s row where `mask` `[C]` is True, `old`'s elsewhere."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o), new, old)

@@ -124,10 +124,10 @@ def broadcast_rows(server: ServerState, clients: ClientStates, mask: jax.Array,
   to train as `broadcast` makes them, the others as they were: the selection
   without a gather (a client axis split over devices stays where it is)."""
   fresh = broadcast(server, clients, jnp.arange(mask.shape[0]), spec, tx, in_order=True)
-  keep = lambda new, old: jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
-  return fresh._replace(params=jax.tree.map(keep, fresh.params, clients.params),
-                        batch_stats=jax.tree.map(keep, fresh.batch_stats, clients.batch_stats),
-                        opt_state=jax.tree.map(keep, fresh.opt_state, clients.opt_state))
+  keep = lambda new, old: params_lib.where_rows(mask, new, old)
+  return fresh._replace(params=keep(fresh.params, clients.params),
+                        batch_stats=keep(fresh.batch_stats, clients.batch_stats),
+                        opt_state=keep(fresh.opt_state, clients.opt_state))
 
 
 def aggregate(server: ServerState, trained: ClientStates, weights: jax.Array,
