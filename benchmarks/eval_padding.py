@@ -14,7 +14,6 @@ both give the same metrics.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import time
@@ -25,14 +24,6 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def default_config():
-  spec = importlib.util.spec_from_file_location("synthetic", os.path.join(ROOT, "configs",
-                                                                          "synthetic.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--backbone", default="resnet_tiny")
@@ -41,11 +32,11 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=3)
   args = parser.parse_args()
 
-  from fedreid_jax import train
+  from fedreid_jax import config_lib, train
   from fedreid_jax.data import registry
   from fedreid_jax.evaluation import features
 
-  config = default_config()
+  config = config_lib.load_config_file(os.path.join(ROOT, "configs", "synthetic.py"))
   config.model.backbone, config.model.width = args.backbone, args.width
   config.model.conv_impl = args.conv_impl
   clients, public = registry.load(config.data, config.seed)
