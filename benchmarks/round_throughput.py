@@ -30,7 +30,11 @@ PAPER_SIZES = (32621, 16522, 12936, 7365, 3744, 1940, 632, 450, 248)
 
 
 def load_config(name: str):
-  return config_lib.load_config_file(str(ROOT / "configs" / f"{name}.py"))
+  """configs/<name>.py for a speed benchmark: random initial weights (the paper
+  config's ImageNet weights file is not needed to measure speed)."""
+  config = config_lib.load_config_file(str(ROOT / "configs" / f"{name}.py"))
+  config.model.pretrained = ""
+  return config
 
 
 def random_clients(sizes, image_size, num_ids=64, seed=0) -> list[ClientData]:
@@ -45,18 +49,29 @@ def random_clients(sizes, image_size, num_ids=64, seed=0) -> list[ClientData]:
   return out
 
 
-def measure(config, clients, rounds: int) -> dict:
+def measure(config, clients, rounds: int, trace_dir: str | None = None) -> dict:
+  """Rounds 0..`rounds` of an experiment, read ahead as a run reads them; the
+  first (compilation) apart -> images/s, round time, compile time, waste.
+  `trace_dir`: one more round, untimed, under `jax.profiler.trace` there."""
   exp = train.Experiment(config, clients)
-  t0 = time.perf_counter()
-  record = exp.train_round(0)
-  jax.block_until_ready(exp.server.params)
-  first = time.perf_counter() - t0
-  times = []
-  for r in range(1, rounds + 1):
+  exp.read_ahead(range(rounds + 1 + bool(trace_dir)))
+  try:
     t0 = time.perf_counter()
-    record = exp.train_round(r)
+    record = exp.train_round(0)
     jax.block_until_ready(exp.server.params)
-    times.append(time.perf_counter() - t0)
+    first = time.perf_counter() - t0
+    times = []
+    for r in range(1, rounds + 1):
+      t0 = time.perf_counter()
+      record = exp.train_round(r)
+      jax.block_until_ready(exp.server.params)
+      times.append(time.perf_counter() - t0)
+    if trace_dir:
+      with jax.profiler.trace(trace_dir):
+        exp.train_round(rounds + 1)
+        jax.block_until_ready(exp.server.params)
+  finally:
+    exp.inputs.close()
   images = record["train/steps"] * config.train.batch_size
   per_round = float(np.mean(times))
   return {"compile_s": first - per_round, "round_s": per_round, "images_per_s": images / per_round,

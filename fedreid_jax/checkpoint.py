@@ -6,8 +6,9 @@ dtype from the current config's is refused (`CheckpointMismatch`, naming the
 first differing array); fields that change a run's meaning without changing
 shapes are checked by `run_config`. Each checkpoint's files are hashed once
 written and verified before a restore; a damaged one falls back to the
-previous. `Checkpoints` writes in the background (Orbax's async save): the
-loop waits only for the copy to host memory.
+previous. `Checkpoints` writes in the background (Orbax's async save) and,
+on one host, hashes the finished write in a thread of its own: the loop waits
+only for the copy to host memory.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 
 import jax
@@ -116,18 +118,51 @@ def wait_written(manager: ocp.CheckpointManager, step: int) -> None:
     manager.wait_until_finished()
 
 
-def write_checksums(manager: ocp.CheckpointManager, step: int) -> None:
+def write_checksums(manager: ocp.CheckpointManager, step: int,
+                    digests: dict[str, str] | None = None) -> None:
   """Process 0 writes the sha256 of each of finished `step`'s files
-  (`<workdir>/checksums/<step>.json`) once every process has written its
-  part. Collective: every process calls it."""
+  (`<workdir>/checksums/<step>.json`; `digests`: already computed, else hashed
+  now) once every process has written its part. Collective: every process
+  calls it."""
   hosts.barrier(f"checkpoint {step} written")  # several hosts: every shard is on disk
   if hosts.is_main():
     path = _checksum_path(manager, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if digests is None:
+      digests = file_digests(_step_dir(manager, step))
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(file_digests(_step_dir(manager, step)), f)
+      json.dump(digests, f)
     os.replace(path + ".tmp", path)
   hosts.barrier(f"checkpoint {step} hashed")
+
+
+class BackgroundHash:
+  """One host: a thread that waits for `step`'s write to finish, then hashes
+  its files, while training goes on. `result()` joins it and returns the
+  digests, or raises its error. The caller waits for the write itself first,
+  which raises a write's error in the caller's thread (Orbax raises it once
+  in each waiting thread); what `result()` raises after that is the hashing's."""
+
+  def __init__(self, manager: ocp.CheckpointManager, step: int):
+    self.digests, self.error, self.seconds = None, None, 0.0
+    self._thread = threading.Thread(target=self._run, args=(manager, step), daemon=True,
+                                    name=f"checkpoint-{step}-hash")
+    self._thread.start()
+
+  def _run(self, manager: ocp.CheckpointManager, step: int) -> None:
+    try:
+      wait_written(manager, step)
+      begin = time.perf_counter()
+      self.digests = file_digests(_step_dir(manager, step))
+      self.seconds = time.perf_counter() - begin
+    except BaseException as e:  # re-raised in the training thread by result()
+      self.error = e
+
+  def result(self) -> dict[str, str]:
+    self._thread.join()
+    if self.error is not None:
+      raise self.error
+    return self.digests
 
 
 @contextlib.contextmanager
@@ -158,6 +193,7 @@ class Checkpoints:
     self.manager = make_manager(workdir, keep, on_written=self._on_written)
     self.saved, self.in_flight = 0, None
     self._times = {}  # the write in flight: start, copy seconds, written-at
+    self._hash: BackgroundHash | None = None  # one host: the write in flight's hashing
 
   def _on_written(self) -> None:  # Orbax's thread, once the write has finished
     self._times["written"] = time.perf_counter()
@@ -169,32 +205,55 @@ class Checkpoints:
     return self.saved, state
 
   def save(self, step: int, state) -> None:
-    """Finishes the previous write, then starts writing `state` as `step`."""
+    """Finishes the previous write, then starts writing `state` as `step`
+    (on one host, hashed in a background thread once written)."""
     self.finish()
     self._times = {"start": time.perf_counter()}
     start_save(self.manager, step, state)
     self.in_flight = step
     self._times["copy"] = time.perf_counter() - self._times["start"]
+    if not hosts.is_multihost():
+      self._hash = BackgroundHash(self.manager, step)
 
   def finish(self) -> None:
-    """Waits for the write in flight, then hashes it (collective)."""
+    """Waits for the write in flight and its hashing, then records the checksums
+    (collective; on several hosts process 0 hashes here, after a barrier)."""
     step = self.in_flight
     if step is None:
       return
+    background, self._hash = self._hash, None
     begin = time.perf_counter()
     try:
+      # the write's error is raised here even when the hashing thread saw it first:
+      # Orbax raises it once in each thread that waits
       wait_written(self.manager, step)
     finally:
       self.in_flight = None  # failed or finished: never hashed later
+    digests, unhashed = None, None
+    if background is not None:
+      try:
+        digests = background.result()
+      except Exception as e:  # the write itself finished: keep the step, without checksums
+        unhashed = e
     waited = time.perf_counter() - begin
-    write_checksums(self.manager, step)
+    if unhashed is None:
+      write_checksums(self.manager, step, digests)
+    else:
+      logging.warning("checkpoint of round %d was written but could not be hashed (%s: %s); "
+                      "it is kept without checksums (a restore checks it with Orbax only)",
+                      step, type(unhashed).__name__, unhashed)
     self.saved = step
     hashed = time.perf_counter() - begin - waited
     t = self._times
-    logging.info("checkpoint of round %d: training waited %.2f s (copy to host %.2f s, end of "
-                 "the write %.2f s, checksums %.2f s); written in %.2f s", step,
-                 t["copy"] + waited + hashed, t["copy"], waited, hashed,
-                 t.get("written", begin + waited) - t["start"])
+    written = t.get("written", begin + waited) - t["start"]
+    hashing = background is not None
+    parts = ("end of the write and its hashing %.2f s, checksum file %.2f s" if hashing
+             else "end of the write %.2f s, checksums %.2f s")
+    logging.info("checkpoint of round %d: training waited %.2f s (copy to host %.2f s, "
+                 + parts + "); written in %.2f s"
+                 + (", hashed in the background in %.2f s" % background.seconds
+                    if hashing else ""),
+                 step, t["copy"] + waited + hashed, t["copy"], waited, hashed, written)
 
   def __enter__(self) -> "Checkpoints":
     return self
@@ -210,7 +269,7 @@ class Checkpoints:
     that ended the run is the one reported."""
     try:
       if failed and hosts.is_multihost():
-        self.in_flight = None
+        self.in_flight = None  # (no BackgroundHash on several hosts)
       elif failed:
         step = self.in_flight
         try:

@@ -146,6 +146,14 @@ class Experiment:
     return sampling.sample_clients(self.config.seed, round_index, len(self.clients_data),
                                    self.num_selected)
 
+  def read_ahead(self, rounds) -> None:
+    """Announces that `rounds` will train in that order: a strategy that reads
+    clients one after another, streaming from files, then reads them all
+    through one loader (`TrainInput.schedule`); `self.inputs.close()` stops it."""
+    if getattr(self.execute, "reads_clients_in_order", False):
+      self.inputs.schedule([(r, int(c)) for r in rounds for c in self.selected(r)
+                            if int(c) in self.own])
+
   def train_round(self, round_index: int, on_steps=None) -> dict:
     """Runs one round through its stages; returns its train record."""
     cfg = self.config
@@ -171,8 +179,9 @@ class Experiment:
           self.server, selected, {c: b["image"] for c, b in batches.items()}, ids, order, mask)
                   if rows else algorithms.with_received_stats(
           selected, self.received_stats(self.server, batch["image"], jnp.asarray(order))))
-    streams = [self.inputs.stream(c, round_index) if c in own_ids else None
-               for c in lanes]  # several hosts: each reads its own clients' data
+    streams = self.inputs.streams(  # several hosts: each reads its own clients' data
+        [c if c in own_ids else None for c in lanes], round_index,
+        in_order=getattr(self.execute, "reads_clients_in_order", False))
     trained, metrics = self.execute(
         selected, streams, [self.inputs.num_steps(c) if c in ids else 0 for c in lanes], on_steps)
     measured = {}
@@ -293,7 +302,11 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
   stop = StopOnSignal(ckpts)
   try:  # leaving `ckpts` finishes the write in flight; a full disk there is explained too
     with stop, disk_full_guard(workdir, ckpts), ckpts:
-      _train_rounds(exp, config, workdir, start, ckpts, writer, bar, stop, results)
+      exp.read_ahead(range(start, config.fed.rounds))  # streamed serial: one loader for all
+      try:
+        _train_rounds(exp, config, workdir, start, ckpts, writer, bar, stop, results)
+      finally:
+        exp.inputs.close()
       if not results:  # resumed a finished run: evaluate the restored state
         results.update(exp.evaluate(config.eval.client_models))
       ckpts.finish()  # results.json says the run is done: its last checkpoint is written

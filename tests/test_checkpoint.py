@@ -80,6 +80,49 @@ def test_checksums_are_written_only_once_the_write_has_finished(tmp_path, monkey
   assert step == 3 and _equal(state, _state(3))
 
 
+def test_one_host_hashes_each_write_once_in_a_background_thread(tmp_path, monkeypatch):
+  """The files are hashed as soon as the write has finished, off the training
+  thread and before the next `save` or `finish` asks; those only write the
+  checksum file."""
+  hashed = []
+  real = checkpoint.file_digests
+
+  def recording(folder):
+    hashed.append((os.path.basename(folder), threading.current_thread().name))
+    return real(folder)
+  monkeypatch.setattr(checkpoint, "file_digests", recording)
+  with checkpoint.Checkpoints(str(tmp_path)) as ckpts:
+    ckpts.save(1, _state(1))
+    ckpts._hash._thread.join(120)  # training goes on meanwhile; nobody waited yet
+    assert hashed == [("1", "checkpoint-1-hash")]
+    assert not (tmp_path / "checksums" / "1.json").exists()  # recorded by the next finish
+    ckpts.save(2, _state(2))
+  assert hashed == [("1", "checkpoint-1-hash"), ("2", "checkpoint-2-hash")]
+  for step in (1, 2):
+    assert json.loads((tmp_path / "checksums" / f"{step}.json").read_text()) == real(
+        str(tmp_path / "checkpoints" / str(step)))
+    assert checkpoint.verify(ckpts.manager, step) is None
+
+
+def test_a_write_that_cannot_be_hashed_is_kept_without_checksums(tmp_path, monkeypatch,
+                                                                  caplog):
+  """A hashing failure (a file gone between the write and the hash) is not a
+  failed write: the step counts as saved, unhashed, and restores."""
+  def vanished(folder):
+    raise FileNotFoundError(os.path.join(folder, "gone"))
+  monkeypatch.setattr(checkpoint, "file_digests", vanished)
+  with checkpoint.Checkpoints(str(tmp_path)) as ckpts:
+    ckpts.save(1, _state(1))
+    ckpts.finish()
+    assert ckpts.saved == 1 and ckpts.in_flight is None
+  assert "could not be hashed (FileNotFoundError" in caplog.text
+  assert not (tmp_path / "checksums" / "1.json").exists()
+  monkeypatch.undo()
+  with checkpoint.Checkpoints(str(tmp_path)) as again:
+    step, state = again.restore_latest(_state(0))
+  assert step == 1 and _equal(state, _state(1))
+
+
 def test_a_write_error_in_orbax_thread_is_raised_by_the_next_save(tmp_path, monkeypatch):
   def full(self):
     raise ValueError(FULL_DISK)

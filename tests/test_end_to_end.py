@@ -204,11 +204,11 @@ KILLED_MID_SAVE = INTERRUPTIBLE.replace("main.log_above_progress_bars()", """
 import os
 from fedreid_jax import checkpoint
 real = checkpoint.file_digests
-def dies_during_the_second_save(folder):
+def dies_while_hashing_round_4(folder):
   if folder.rstrip("/").endswith("/4"):
-    os._exit(9)  # killed after Orbax finalised round 4, before its checksums exist
-  return real(folder)
-checkpoint.file_digests = dies_during_the_second_save
+    os._exit(9)  # killed after Orbax finalised round 4 (in the hashing thread, while
+  return real(folder)  # round 5 trains), before its checksums exist
+checkpoint.file_digests = dies_while_hashing_round_4
 main.log_above_progress_bars()""").replace("cfg.checkpoint_every = 100", "cfg.checkpoint_every = 2")
 
 

@@ -10,6 +10,7 @@ each process), so splits can feed grain worker processes.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -35,20 +36,21 @@ class RecordReader:
 
   def __init__(self, name: str, data_dir: str, split: str):
     self.name, self.data_dir, self.split = name, str(data_dir), split
-    self._source = None
+    self._source, self._lock = None, threading.Lock()
 
   def _open(self):
-    if self._source is None:
-      builder = builders.get_builder(self.name, self.data_dir)
-      self._source = builder.as_data_source(
-          self.split, decoders={"image": tfds.decode.SkipDecoding()})
+    with self._lock:  # reading threads start together: one of them opens it
+      if self._source is None:
+        builder = builders.get_builder(self.name, self.data_dir)
+        self._source = builder.as_data_source(
+            self.split, decoders={"image": tfds.decode.SkipDecoding()})
     return self._source
 
   def __getstate__(self):
     return {"name": self.name, "data_dir": self.data_dir, "split": self.split}
 
   def __setstate__(self, state):
-    self.__dict__.update(state, _source=None)
+    self.__dict__.update(state, _source=None, _lock=threading.Lock())
 
   def __len__(self) -> int:
     return len(self._open())

@@ -70,6 +70,7 @@ def piece_lengths(num_steps: int, chunk_steps: int) -> list[int]:
 
 class Serial:
   """One client at a time; no padded steps."""
+  reads_clients_in_order = True  # each stream to its end before the next: one loader may feed all
 
   def __init__(self, local_step: Callable, chunk_steps: int):
     self.chunk_steps = chunk_steps

@@ -79,8 +79,17 @@ def make_loader(split: ReIDSplit, *, image_size: tuple[int, int], batch_size: in
     raise ValueError(f"split of {len(split)} images is smaller than batch_size={batch_size}")
   if plan is None:
     plan = batch_plan(len(split), batch_size, num_epochs, (seed,), shuffle)
-  reader = BatchReader(split, tuple(image_size), jpeg_draft)
-  ds = grain.MapDataset.source(np.asarray(plan, np.int64)).map(reader)
+  return make_steps_loader(BatchReader(split, tuple(image_size), jpeg_draft),
+                           np.asarray(plan, np.int64), worker_count=worker_count,
+                           num_threads=num_threads, prefetch=prefetch)
+
+
+def make_steps_loader(read_step, steps: np.ndarray, *, worker_count: int = 0,
+                      num_threads: int = 4, prefetch: int = 4) -> grain.IterDataset:
+  """`read_step(s)` (picklable; a batch) for each `s` of `steps` (e.g. plan rows,
+  or step numbers), in that order, read ahead by `num_threads` threads in each
+  of `worker_count` worker processes (0: this process only)."""
+  ds = grain.MapDataset.source(steps).map(read_step)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch))
   if worker_count:

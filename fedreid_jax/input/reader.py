@@ -7,6 +7,8 @@ read through `read_resized`, so an index always yields the same pixels.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -31,12 +33,22 @@ def read_resized(split: ReIDSplit, indices, size: tuple[int, int],
 
 
 def load_images(split: ReIDSplit, size: tuple[int, int], desc: str = "",
-                block: int = 256) -> np.ndarray:
-  """Every image of `split` at `size`: uint8 `[N, H, W, 3]` (progress bar when long)."""
+                block: int = 256, threads: int = 8) -> np.ndarray:
+  """Every image of `split` at `size`: uint8 `[N, H, W, 3]` (progress bar when long).
+  Blocks of `block` images are read by `threads` threads (PIL's decode and
+  resize release the GIL); each block's pixels do not depend on them."""
   out = np.zeros((len(split), *size, 3), np.uint8)
   starts = range(0, len(split), block)
-  for start in tqdm(starts, desc=desc or "decoding", unit="block", leave=False,
-                    disable=len(starts) < 8):
-    out[start:start + block] = read_resized(split, np.arange(start, min(start + block,
-                                                                        len(split))), size)
+
+  def read_block(start: int) -> None:
+    stop = min(start + block, len(split))
+    out[start:stop] = read_resized(split, np.arange(start, stop), size)
+
+  pool = ThreadPoolExecutor(max(1, threads))
+  try:
+    for _ in tqdm(pool.map(read_block, starts), total=len(starts), desc=desc or "decoding",
+                  unit="block", leave=False, disable=len(starts) < 8):
+      pass
+  finally:  # a bad image or a stop signal: the blocks not started are dropped
+    pool.shutdown(wait=True, cancel_futures=True)
   return out

@@ -14,6 +14,7 @@ nothing of lanes or chunks: client execution strategies group its batches.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -38,6 +39,8 @@ class TrainInput:
     self.loader_threads, self.loader_workers = loader_threads, loader_workers
     self.names = list(names) or [f"split {i}" for i in range(len(self.splits))]
     self._arrays: dict[int, np.ndarray] = {}
+    self._ahead = None  # OrderedStreams of `schedule`, or of the last `in_order` round
+    self._announced = False  # whether `_ahead` is `schedule`'s
 
   def num_steps(self, client: int) -> int:
     return plan_lib.num_steps(len(self.splits[client]), self.batch_size, self.epochs)
@@ -85,6 +88,44 @@ class TrainInput:
     finally:
       if hasattr(it, "close"):
         it.close()
+
+  def streams(self, clients: Sequence[int | None], round_index: int,
+              in_order: bool = False) -> list[Iterator[Batch] | None]:
+    """`stream(c, round_index)` of each client (None where `clients` holds None).
+
+    `in_order`: the consumer reads the clients one after another, every batch
+    of one before the next (the `serial` strategy). Streamed from files, one
+    loader then reads them all (`ordered_streams`): the one `schedule`
+    announced, when this round is next in it, else one for this round. The
+    batches are the same; reading out of that order raises.
+    """
+    if self.in_memory or not in_order:
+      return [None if c is None else self.stream(c, round_index) for c in clients]
+    from fedreid_jax.input.ordered_streams import OrderedStreams
+    ids = [c for c in clients if c is not None]
+    if self._ahead is None or not self._ahead.at_round(round_index, ids):
+      if self._announced and self._ahead.position < self._ahead.total:
+        logging.warning("round %d: the run's loader is at %s; this round and the later ones "
+                        "get a loader each", round_index + 1, self._ahead.where())
+      self.close()  # not what was announced: a loader for this round alone
+      self._ahead = OrderedStreams(self, [(round_index, c) for c in ids])
+    return [None if c is None else self._ahead.stream(round_index, c) for c in clients]
+
+  def schedule(self, parts: Sequence[tuple[int, int]]) -> None:
+    """Announces the (round, client) streams that `streams(..., in_order=True)`
+    will ask for, in order (e.g. every round of a run): one loader then reads
+    ahead through all of them, started (and its worker processes spawned)
+    once. No effect in memory."""
+    self.close()
+    if not self.in_memory:
+      from fedreid_jax.input.ordered_streams import OrderedStreams
+      self._ahead, self._announced = OrderedStreams(self, parts), True
+
+  def close(self) -> None:
+    """Stops the loader of `schedule` or of the last `in_order` round, if any."""
+    if self._ahead is not None:
+      self._ahead.close()
+    self._ahead, self._announced = None, False
 
   def measurement_batch(self, clients: Sequence[int], round_index: int,
                         batch_size: int | None = None) -> Batch:
