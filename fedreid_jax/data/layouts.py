@@ -34,33 +34,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from fedreid_jax.data import small_layouts  # small datasets' originals
 from fedreid_jax.data.base import JUNK_PID
+# Record, Layout and the image listing live in image_records (shared with
+# small_layouts); they are re-exported here for the modules that read them here.
+from fedreid_jax.data.image_records import (IMAGE_SUFFIXES, Layout, Record,
+                                            list_images, list_images_recursive,
+                                            make_record)
 from fedreid_jax.data.naming import parse_cam_first_name, parse_market_name
 from fedreid_jax.data.specs import DatasetSpec
 from fedreid_jax.errors import DatasetNotFound
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 SPLITS = ("train_all", "query", "gallery")
 MARKET_FOLDERS = {"train_all": "bounding_box_train", "query": "query",
                   "gallery": "bounding_box_test"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Record:
-  """One image: absolute `path`, `name` relative to the dataset root, ids.
-
-  `group` is a layout-specific tag used by the small datasets' split rules
-  (PRID2011 `single`/`multi` shot, 3DPeS view id, CUHK02 camera pair).
-  """
-  path: str
-  name: str
-  pid: int
-  camid: int
-  group: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,29 +64,8 @@ class Listing:
   catalog: list[Record] | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """A layout: the entries a root must hold, and how to list it."""
-  name: str
-  required: tuple[str, ...]
-  lister: Callable[[Path, bool], Listing | dict | list]
-  description: str
-
-
 class LayoutError(DatasetNotFound):
   """The manual directory holds no accepted layout of the dataset."""
-
-
-def list_images(folder: Path) -> list[Path]:
-  """Image files directly in `folder`, sorted by name (e.g. `Thumbs.db` skipped)."""
-  return sorted(p for p in folder.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def list_images_recursive(folder: Path) -> list[Path]:
-  """Image files anywhere below `folder`, sorted by relative path."""
-  return sorted(p for p in folder.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def cut_camera(cam: int, first_digit_camera: bool) -> int:
@@ -109,16 +79,12 @@ def first_digit_camids(camids: np.ndarray) -> np.ndarray:
                   np.int32).reshape(-1)
 
 
-def _record(path: Path, root: Path, pid: int, camid: int, group: str = "") -> Record:
-  return Record(str(path), path.relative_to(root).as_posix(), int(pid), int(camid), group)
-
-
 def _market_record(path: Path, root: Path, first_digit: bool) -> Record:
   try:
     parsed = parse_market_name(path.name)
   except ValueError as e:
     raise ValueError(f"{e} (file {str(path)!r})") from None
-  return _record(path, root, parsed.pid, cut_camera(parsed.camid + 1, first_digit))
+  return make_record(path, root, parsed.pid, cut_camera(parsed.camid + 1, first_digit))
 
 
 def drop_junk(records: Sequence[Record]) -> list[Record]:
@@ -171,7 +137,7 @@ def list_msmt17(root: Path, first_digit: bool = False) -> dict[str, list[Record]
     out = []
     for rel, label in _read_list(root / list_name):
       path = folder / rel
-      out.append(_record(path, root, label,
+      out.append(make_record(path, root, label,
                          cut_camera(msmt17_camera(rel), first_digit)))
     return out
 
@@ -211,7 +177,7 @@ def list_pytorch(root: Path, first_digit: bool = False) -> dict[str, list[Record
         except ValueError:
           raise ValueError(f"cannot parse person id of {str(path)!r} from its name "
                            "or its folder") from None
-      records.append(_record(path, root, *parsed))
+      records.append(make_record(path, root, *parsed))
     out[split] = records
   if unparsed:
     logging.warning("%s: %d file names were not Market-style nor cam_<c>_<pid>_...; "
@@ -222,7 +188,6 @@ def list_pytorch(root: Path, first_digit: bool = False) -> dict[str, list[Record
 
 def accepted_layouts(spec: DatasetSpec) -> list[Layout]:
   """Layouts accepted for a dataset, in detection order."""
-  from fedreid_jax.data import small_layouts  # small datasets' originals
   pytorch_req = ("train_all",) if spec.public else SPLITS
   pytorch = Layout("pytorch", pytorch_req, list_pytorch,
                    "the reference's preprocessed copy: pytorch/{"

@@ -35,8 +35,8 @@ import logging
 import re
 from pathlib import Path
 
-from fedreid_jax.data.layouts import (Layout, Record, list_images,
-                                      list_images_recursive)
+from fedreid_jax.data.image_records import (Layout, Record, list_images,
+                                            list_images_recursive)
 from fedreid_jax.data.specs import DatasetSpec
 
 PRID_SHARED = 200      # persons 1..200 are seen by both PRID2011 cameras
