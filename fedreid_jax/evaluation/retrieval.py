@@ -31,17 +31,17 @@ import numpy as np
 
 from fedreid_jax.evaluation.reference_metrics import JUNK_PID, RANKS, check_protocol
 
-_NEGATIVE, _MATCH, _JUNK = 0, 1, 2
+NEGATIVE, MATCH, JUNK = 0, 1, 2  # an entry's status (`status`)
 
 
-def _status(q_pids: jax.Array, q_cams: jax.Array, g_pids: jax.Array,
-            g_cams: jax.Array) -> jax.Array:
+def status(q_pids: jax.Array, q_cams: jax.Array, g_pids: jax.Array,
+           g_cams: jax.Array) -> jax.Array:
   """Per (query, gallery) entry: 0 negative, 1 correct match, 2 junk. `[B, G]` int8."""
   same_pid = q_pids[:, None] == g_pids[None, :]
   same_cam = q_cams[:, None] == g_cams[None, :]
   junk = (g_pids[None, :] == JUNK_PID) | (same_pid & same_cam)
   match = same_pid & ~junk
-  return jnp.where(junk, _JUNK, jnp.where(match, _MATCH, _NEGATIVE)).astype(jnp.int8)
+  return jnp.where(junk, JUNK, jnp.where(match, MATCH, NEGATIVE)).astype(jnp.int8)
 
 
 def _sorted_status(sim: jax.Array, status: jax.Array) -> jax.Array:
@@ -63,8 +63,8 @@ def _stats_from_sorted(status_sorted: jax.Array) -> dict[str, jax.Array]:
   `ap_standard` and `ap_trapezoid` (0 without hits).
   """
   num_gallery = status_sorted.shape[1]
-  match = status_sorted == _MATCH
-  valid = status_sorted != _JUNK
+  match = status_sorted == MATCH
+  valid = status_sorted != JUNK
   pos = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1   # rank after junk removal
   hit = jnp.cumsum(match, axis=1, dtype=jnp.int32)       # 1-based hit index at hits
   n_good = hit[:, -1]
@@ -83,20 +83,20 @@ def _stats_from_sorted(status_sorted: jax.Array) -> dict[str, jax.Array]:
 
 
 @jax.jit
-def _chunk_stats(sim: jax.Array, q_pids: jax.Array, q_cams: jax.Array,
-                 g_pids: jax.Array, g_cams: jax.Array) -> dict[str, jax.Array]:
+def chunk_stats(sim: jax.Array, q_pids: jax.Array, q_cams: jax.Array,
+                g_pids: jax.Array, g_cams: jax.Array) -> dict[str, jax.Array]:
   """Statistics of a chunk of similarity rows `[B, G]` -> `{name: [B]}`."""
-  status = _status(q_pids, q_cams, g_pids, g_cams)
-  return _stats_from_sorted(_sorted_status(sim.astype(jnp.float32), status))
+  entry_status = status(q_pids, q_cams, g_pids, g_cams)
+  return _stats_from_sorted(_sorted_status(sim.astype(jnp.float32), entry_status))
 
 
 @functools.partial(jax.jit, static_argnames="size")
 def _chunk_stats_sliced(sim_all: jax.Array, start: jax.Array, size: int,
                         q_pids: jax.Array, q_cams: jax.Array, g_pids: jax.Array,
                         g_cams: jax.Array) -> dict[str, jax.Array]:
-  """Like `_chunk_stats` on rows `[start, start + size)` of a device `[Q, G]`."""
+  """Like `chunk_stats` on rows `[start, start + size)` of a device `[Q, G]`."""
   sim = jax.lax.dynamic_slice_in_dim(sim_all, start, size, axis=0)
-  return _chunk_stats(sim, q_pids, q_cams, g_pids, g_cams)
+  return chunk_stats(sim, q_pids, q_cams, g_pids, g_cams)
 
 
 @functools.partial(jax.jit, static_argnames="size")
@@ -111,7 +111,7 @@ def _chunk_stats_features(q_feats: jax.Array, start: jax.Array, size: int,
   q = jax.lax.dynamic_slice_in_dim(q_feats, start, size, axis=0)
   sim = jnp.dot(q.astype(jnp.float32), g_feats.astype(jnp.float32).T,
                 precision=jax.lax.Precision.HIGHEST)
-  return _chunk_stats(sim, q_pids, q_cams, g_pids, g_cams)
+  return chunk_stats(sim, q_pids, q_cams, g_pids, g_cams)
 
 
 def _chunk_starts(num_query: int, size: int) -> list[tuple[int, int]]:
@@ -195,8 +195,8 @@ def ranking_statistics(similarity: Any, query_pids: Any, gallery_pids: Any,
     if on_device:
       return _chunk_stats_sliced(similarity, start, size, q_pids[rows],
                                  q_cams[rows], g_pids_d, g_cams_d)
-    return _chunk_stats(np.asarray(similarity[rows], np.float32), q_pids[rows],
-                        q_cams[rows], g_pids_d, g_cams_d)
+    return chunk_stats(np.asarray(similarity[rows], np.float32), q_pids[rows],
+                       q_cams[rows], g_pids_d, g_cams_d)
 
   return _run_chunks(num_query, query_chunk, score_chunk)
 

@@ -10,7 +10,7 @@ and the report draws them: `draw_retrieval(load_examples(path), "x.png", title)`
 The ranking excludes nothing: the top-k are the k most similar gallery
 entries, junk included (the metrics ignore junk, but the picture shows what
 the model puts first). Each entry's status follows the metrics' rule
-(`retrieval._status`): 1 correct (same id, other camera), 2 junk (id -1, or
+(`retrieval.status`): 1 correct (same id, other camera), 2 junk (id -1, or
 same id and same camera), 0 wrong.
 
 Queries are chosen deterministically: a seeded sample of candidate queries is
@@ -30,7 +30,7 @@ import numpy as np
 
 from fedreid_jax.data.images import resize_bicubic
 from fedreid_jax.evaluation import report
-from fedreid_jax.evaluation.retrieval import _JUNK, _MATCH, _chunk_stats, _status
+from fedreid_jax.evaluation import retrieval
 
 CANDIDATES = 128  # queries ranked before choosing (bounds memory: 128 x G similarities)
 COLORS = {0: "#d62728", 1: "#2ca02c", 2: "#8c8c8c"}  # wrong, correct, junk
@@ -86,7 +86,7 @@ def _rank_candidates(query_feats, gallery_feats, test, seed: int):
   sim = jnp.dot(jnp.asarray(query_feats, jnp.float32)[cand],
                 jnp.asarray(gallery_feats, jnp.float32).T,
                 precision=jax.lax.Precision.HIGHEST)
-  stats = jax.device_get(_chunk_stats(sim, q_pids[cand], q_cams[cand], g_pids, g_cams))
+  stats = jax.device_get(retrieval.chunk_stats(sim, q_pids[cand], q_cams[cand], g_pids, g_cams))
   return cand, np.asarray(sim), np.asarray(stats["n_good"]), np.asarray(stats["first"])
 
 
@@ -119,7 +119,7 @@ def retrieval_examples(query_feats: Any, gallery_feats: Any, test, num_queries: 
     sim, n_good, first = np.zeros((0, len(g_pids)), np.float32), rows, rows
   qi, sim = cand[rows].astype(np.int32), sim[rows]
   order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-  status = np.asarray(_status(q_pids[qi], q_cams[qi], g_pids, g_cams), np.int8)
+  status = np.asarray(retrieval.status(q_pids[qi], q_cams[qi], g_pids, g_cams), np.int8)
   gallery = test.gallery_images[order.reshape(-1)]
   return dict(
       client=np.asarray(test.name),
@@ -169,7 +169,7 @@ def _query_label(ex: dict, i: int) -> str:
 
 
 def _gallery_label(ex: dict, i: int, j: int) -> str:
-  junk = "junk " if ex["status"][i, j] == _JUNK else ""
+  junk = "junk " if ex["status"][i, j] == retrieval.JUNK else ""
   return f"{junk}{int(ex['gallery_pids'][i, j])} c{int(ex['gallery_cams'][i, j])}\n" \
          f"{float(ex['scores'][i, j]):.2f}"
 
@@ -201,9 +201,9 @@ def draw_retrieval(examples: dict, out_png: str, title: str) -> str:
     for j in range(k):
       status = int(ex["status"][i, j])
       ax = axes[i, j + 2]
-      _frame(ax, ex["gallery_images"][i, j], COLORS[status], faded=status == _JUNK)
+      _frame(ax, ex["gallery_images"][i, j], COLORS[status], faded=status == retrieval.JUNK)
       ax.set_xlabel(_gallery_label(ex, i, j), fontsize=7,
-                    color="black" if status != _MATCH else COLORS[_MATCH])
+                    color="black" if status != retrieval.MATCH else COLORS[retrieval.MATCH])
       if i == 0:
         ax.set_title(str(j + 1), fontsize=8)
   fig.tight_layout(rect=(0, 0.05, 1, 0.97))
