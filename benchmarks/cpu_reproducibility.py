@@ -23,7 +23,7 @@ nothing but the last bit of the logged loss here; SSE4_2 (no FMA) changes the
 run. `--xla_cpu_multi_thread_eigen=false` changes nothing. With YNNPACK fusions
 off (`ynn_off`), convolutions go to Eigen + oneDNN, whose kernels follow CPUID
 unless ONEDNN_MAX_CPU_ISA caps them; `portable` fixes everything this script
-can fix (see the README on what that does and does not buy).
+can fix (see docs/evaluation_and_report.md on what that does and does not buy).
 """
 from __future__ import annotations
 

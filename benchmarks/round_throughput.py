@@ -25,7 +25,7 @@ from fedreid_jax.data import registry
 from fedreid_jax.data.base import ClientData, split_from_arrays
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# Training images per client in the paper's benchmark (SPEC.md section 1).
+# Training images per client in the paper's benchmark (its dataset table).
 PAPER_SIZES = (32621, 16522, 12936, 7365, 3744, 1940, 632, 450, 248)
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
 
-QUERY, GALLERY, IDS = 11659, 82161, 3060  # MSMT17 test split (SPEC.md 1)
+QUERY, GALLERY, IDS = 11659, 82161, 3060  # MSMT17 test split (the paper's table)
 
 
 class MadeImages:

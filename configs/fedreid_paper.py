@@ -6,8 +6,8 @@ Federated Person Re-identification via Benchmark Analysis").
       --output weights/resnet50_torchvision.npz
   python -m fedreid_jax.main --config configs/fedreid_paper.py --workdir runs/paper
 
-Needs the nine real datasets prepared (see README, "Real datasets") and
-torchvision's ImageNet ResNet-50 weights converted (README, "Pretrained
+Needs the nine real datasets prepared (see docs/data.md, "Real datasets") and
+torchvision's ImageNet ResNet-50 weights converted (docs/data.md, "Pretrained
 backbones"; https://download.pytorch.org/models/resnet50-0676ba61.pth). 300
 rounds of ~2,400 local steps of 32 images at 256x128 on a ResNet-50: on the
 order of a day on one H100 (benchmarks/RESULTS.md has measured step times);
@@ -23,7 +23,7 @@ def get_config():
   c.data.name = "fedreid"
   c.data.root = "data/tfds"
   c.data.image_size = (256, 128)
-  c.data.clients = ()  # the nine datasets of SPEC.md section 1
+  c.data.clients = ()  # empty: the paper's nine datasets, MSMT17 ... iLIDS
   c.data.in_memory = False  # decoded lazily, streamed chunk by chunk
 
   c.model.backbone = "resnet50"

@@ -33,16 +33,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.small_stem = False
   c.model.embed_dim = 512
   c.model.dropout = 0.5
-  # auto | xla | patches: conv lowering (fedreid_jax/models/conv.py; README "Speed and
-  # precision"). auto: XLA's convolutions on GPU/TPU; on CPU im2col + matmul where XLA's
+  # auto | xla | patches: conv lowering (fedreid_jax/models/conv.py; docs/performance.md "Speed
+  # and precision"). auto: XLA's convolutions on GPU/TPU; on CPU im2col + matmul where XLA's
   # CPU convolution is slow, and CPU-friendly gradients. xla: the plain flax model.
   c.model.conv_impl = "auto"
   c.model.dtype = "float32"  # float32 | bfloat16: compute dtype (params, optimizer, BN stats f32)
-  # A torchvision ResNet weights file for the backbone (README, "Pretrained backbones");
+  # A torchvision ResNet weights file for the backbone (docs/data.md, "Pretrained backbones");
   # "": random initialisation.
   c.model.pretrained = ""
   # True: BatchNorm running variance updated with the unbiased batch variance, as PyTorch
-  # does; False: Flax's biased one (this config's README figures).
+  # does; False: Flax's biased one (this config's figures in the README).
   c.model.bn_unbiased_variance = False
 
   c.train = ml_collections.ConfigDict()
@@ -70,10 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.fed.strategy = "serial"  # serial (CPU) | vmap (GPU) | sequential | sharded | devices
   c.fed.chunk_steps = 1  # XLA CPU runs a scanned step ~2.5x slower: dispatch per step
   # devices | sharded: use the first N devices (0: all present); more than present is an error.
-  # `devices` queues whole clients on them longest first (README "Clients over devices").
+  # `devices` queues whole clients on them longest first (docs/strategies_and_scaling.md).
   c.fed.num_devices = 0
 
-  # Several hosts (README "Several hosts"): the same command on every host, with
+  # Several hosts (docs/strategies_and_scaling.md): the same command on every host, with
   # --config.hosts.process_id=K (0 on the coordinator's host). 1: one host; 0: detect
   # the cluster (SLURM, Open MPI, ...). Needs fed.strategy = "devices".
   c.hosts = ml_collections.ConfigDict()
@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.hosts.coordinator_address = ""  # HOST:PORT of process 0; "": JAX_COORDINATOR_ADDRESS
   c.hosts.timeout_s = 300  # how long a process waits for the others to join
 
-  # Cosine-distance weights (the _cdw algorithms; README "Knowledge distillation and CDW").
+  # Cosine-distance weights (the _cdw algorithms; docs/algorithms.md).
   c.cdw = ml_collections.ConfigDict()
   c.cdw.form = "logit"  # logit (the reference's) | delta (shared-parameter angle)
   c.cdw.mode = "default"  # default (eval mode, frozen copy) | reference (its train-mode quirks)
@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.kd.nesterov = True
   c.kd.weight_decay = 5e-4
   c.kd.normalize_teachers = True  # L2-normalise each teacher's embedding (the paper's flag)
-  c.kd.mode = "default"  # default (eval mode, selected clients) | reference (SPEC.md 6)
+  c.kd.mode = "default"  # default (eval mode, selected clients) | reference (its train-mode quirks)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_rounds = 5
@@ -110,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.before_kd = True  # on KD rounds also test the global model before distillation
 
   # Other algorithms run after the main one, same data and seed, each in
-  # <workdir>/baseline_<name> (the suite: README "Algorithms").
+  # <workdir>/baseline_<name> (the suite: docs/algorithms.md).
   c.baselines = ("local",)
   c.eval.best_metric = "rank1"  # mean over clients; the best global model -> <workdir>/export_best
 

@@ -41,7 +41,7 @@ def test_prepare_all_counts(built):
 def test_count_mismatch_is_a_clear_warning(built):
   _, _, _, done = built
   msgs = done["market1501"].mismatches
-  assert "market1501: train images expected 12936 (SPEC.md table), found 12" in msgs
+  assert "market1501: train images expected 12936 (the paper's table), found 12" in msgs
   assert not any(m.startswith("market1501: cameras") for m in msgs)  # 6 == 6
   assert all("expected" in m and "found" in m for m in msgs)
 

@@ -13,7 +13,7 @@ from fedreid_jax.errors import ConfigError
 from fedreid_jax.federated import device_queues
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The paper's training images per client (SPEC.md 1); batch 32, last partial batch dropped.
+# The paper's training images per client (its table); batch 32, last partial batch dropped.
 PAPER_STEPS = [n // 32 for n in (32621, 16522, 12936, 7365, 3744, 1940, 632, 450, 248)]
 
 

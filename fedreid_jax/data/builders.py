@@ -215,7 +215,8 @@ def built_counts(builder: tfds.core.DatasetBuilder) -> dict[str, int]:
 
 
 def check_counts(name: str, counts: dict[str, int]) -> list[str]:
-  """Mismatches against SPEC.md's table: one sentence each (empty: all match)."""
+  """Mismatches against the paper's table (`specs.EXPECTED`): one sentence each (empty:
+  all match)."""
   spec = specs.get_spec(name)
   expected = {"cameras": spec.expected.cameras, "train_ids": spec.expected.train_ids,
               "train_images": spec.expected.train_images}
@@ -223,6 +224,6 @@ def check_counts(name: str, counts: dict[str, int]) -> list[str]:
     expected.update(query_ids=spec.expected.query_ids,
                     query_images=spec.expected.query_images,
                     gallery_images=spec.expected.gallery_images)
-  return [f"{spec.name}: {key.replace('_', ' ')} expected {want} (SPEC.md table), "
+  return [f"{spec.name}: {key.replace('_', ' ')} expected {want} (the paper's table), "
           f"found {counts.get(key, 0)}"
           for key, want in expected.items() if counts.get(key, 0) != want]

@@ -68,8 +68,8 @@ def prepare(name: str, manual_dir: str | Path, data_dir: str | Path = DEFAULT_DA
   """Builds dataset `name` from `manual_dir` into `data_dir` and checks its counts.
 
   Returns:
-    `Prepared` with the counts found and the mismatches against SPEC.md's
-    table (each also logged as a warning).
+    `Prepared` with the counts found and the mismatches against the paper's
+    table (`specs.EXPECTED`) (each also logged as a warning).
   Raises:
     KeyError: unknown dataset name (lists the known ones).
     AlreadyPreparedError: already built and `overwrite` is False.

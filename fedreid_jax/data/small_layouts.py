@@ -22,7 +22,7 @@ through the DGD `format_*.py` scripts, Xiao et al. CVPR 2016):
   pseudo-cameras by the split (as DGD did).
 - iLIDS (`i-LIDS_Pedestrian/Persons/`): `<pid:4><n:3>.jpg`, 119 persons, 476
   images (the i-LIDS MCTS re-id set that the reference's `ilids` client and
-  SPEC.md's table counts are made of); images are split into two
+  the paper's table counts are made of); images are split into two
   pseudo-cameras by the split. Also accepted: the iLIDS-VID release
   (`i-LIDS-VID/images/cam{1,2}/person<pid:3>/cam<c>_person<pid:3>.png`, 300
   persons, two real cameras; its counts differ from the table's).

@@ -24,7 +24,7 @@ from fedreid_jax.data.scenarios import relabelled
 from fedreid_jax.errors import DatasetNotPrepared
 
 TRAIN_SPLITS = ("train_all", "train")
-CLIENT_DATASETS = specs.CLIENTS  # the nine clients, SPEC.md table order
+CLIENT_DATASETS = specs.CLIENTS  # the nine clients, the paper's table order
 PUBLIC_DATASET = specs.PUBLIC
 
 

@@ -1,6 +1,6 @@
 """The ten real datasets: names, where they come from, and their reference counts.
 
-`EXPECTED` holds SPEC.md section 1's table (the nine clients) plus the two sets
+`EXPECTED` holds the paper's benchmark table (the nine clients) plus the two sets
 the table does not list: CUHK03-NP `labeled` (counts of the CUHK03-NP release)
 and CUHK02, the public set (1,816 ids, 7,264 images, 10 cameras: five camera
 pairs P1..P5). `prepare` checks a built dataset against these numbers.
@@ -17,7 +17,7 @@ import re
 
 @dataclasses.dataclass(frozen=True)
 class Expected:
-  """Reference statistics of one dataset (SPEC.md section 1)."""
+  """Reference statistics of one dataset (the paper's benchmark table)."""
   cameras: int
   train_ids: int
   train_images: int
@@ -106,7 +106,8 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
         Expected(10, 1816, 7264), small=True, public=True),
 )}
 
-# The nine clients in SPEC.md's table order, then the public set.
+# The nine clients in the paper's table order (most training images first), then the
+# public set.
 CLIENTS = ("msmt17", "dukemtmc", "market1501", "cuhk03_np_detected", "prid2011",
            "cuhk01", "viper", "3dpes", "ilids")
 PUBLIC = "cuhk02"

@@ -19,7 +19,7 @@ protocol its data came from (Xiao et al. CVPR 2016, `format_*.py`), seeded:
   pseudo-camera 0, the rest camera 1; `n - n//2` ids are test ids.
 
 Every draw uses `numpy.random.default_rng([seed, attempt])`. On the real data
-(id counts equal to SPEC.md's table) the split is the first attempt
+(id counts equal to the paper's table) the split is the first attempt
 (0, 1, 2, ...) whose id and image counts all equal the table's, so the shipped
 split reproduces the table exactly; otherwise (e.g. fixtures) attempt 0 is
 used. The split (seed, attempt, train/test ids, every record) is stored in the
@@ -226,7 +226,7 @@ def split_small(spec: DatasetSpec, layout: str, catalog: Sequence[Record], seed:
         chosen, matched = attempt, True
         break
     else:
-      logging.warning("%s: no split draw within %d attempts reproduces SPEC.md's "
+      logging.warning("%s: no split draw within %d attempts reproduces the paper's "
                       "counts %s; using attempt 0", spec.name, max_attempts, target)
   rng = rng_of(chosen)
   d = rule.draw(rng)

@@ -6,7 +6,7 @@ hair/skin and accessories; cameras differ by scene, illumination, colour cast,
 preferred viewpoint (front, back or side: moves or hides the bag, shows the
 backpack or only its straps), scale/position, blur, noise and occluders; each
 domain has its own palette, contrast and lighting, and mirrors the relative
-training size and camera count of one real dataset (SPEC.md section 1),
+training size and camera count of one real dataset (the paper's table),
 scaled down ~25x (the tiny ones less, to keep a few dozen images). Train and
 test ids are disjoint. Multi-camera domains take up to `query_per_id`
 queries per test id, one per camera and never from all of its cameras, so

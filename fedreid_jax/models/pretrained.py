@@ -282,7 +282,7 @@ def missing_hint(backbone: str | None, output: str | None = None) -> str:
 
 def missing_message(path: str, backbone: str | None) -> str:
   """The one line for a `model.pretrained` file that does not exist."""
-  return (f"model.pretrained={path!r} does not exist; {missing_hint(backbone, path)} (README, "
+  return (f"model.pretrained={path!r} does not exist; {missing_hint(backbone, path)} (docs/data.md, "
           "'Pretrained backbones'), or set model.pretrained='' to start from random weights")
 
 
