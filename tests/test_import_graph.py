@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -206,9 +207,14 @@ def describe_cycles(graph: Graph, root: Path = ROOT) -> list[str]:
   return out
 
 
+@functools.lru_cache(maxsize=None)
+def package_graph() -> Graph:
+  return build_graph()
+
+
 def test_no_import_circle_between_files():
   start = time.perf_counter()
-  graph = build_graph()
+  graph = package_graph()
   cycles = describe_cycles(graph)
   assert time.perf_counter() - start < 1.0
   assert len(graph.files) > 10 and graph.edges  # the package was found and parsed
@@ -216,7 +222,7 @@ def test_no_import_circle_between_files():
 
 
 def test_no_private_name_used_across_modules():
-  private = build_graph().private
+  private = package_graph().private
   assert not private, ("private names used across modules:\n" + "\n".join(private))
 
 
