@@ -4,11 +4,15 @@ PRNG keys are stored as raw key data. Whether a checkpoint fits is derived
 from the state itself: a saved state whose arrays differ in number, shape or
 dtype from the current config's is refused (`CheckpointMismatch`, naming the
 first differing array); fields that change a run's meaning without changing
-shapes are checked by `run_config`. Each checkpoint's files are hashed once
+shapes are checked by `run_config`, against `config.json` or, where that is
+missing, against those fields as stored with each checkpoint
+(`checksums/<step>.meaning.json`). Each checkpoint's files are hashed once
 written and verified before a restore; a damaged one falls back to the
-previous. `Checkpoints` writes in the background (Orbax's async save) and,
-on one host, hashes the finished write in a thread of its own: the loop waits
-only for the copy to host memory.
+previous. An unreadable checksums file is reported in one line and its step
+is checked by Orbax's restore alone (then hashed again). `Checkpoints`
+writes in the background (Orbax's async save) and, on one host, hashes the
+finished write in a thread of its own: the loop waits only for the copy to
+host memory.
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from fedreid_jax import hosts
-from fedreid_jax.errors import CheckpointDamaged, CheckpointMismatch
+from fedreid_jax import hosts, run_config
+from fedreid_jax.errors import CheckpointDamaged, CheckpointMismatch, ConfigError
+from fedreid_jax.workdir import write_atomic
 
 def _plain(tree):
   """NamedTuples as dicts of their fields (how Orbax stores them), recursively."""
@@ -83,6 +88,11 @@ def _checksum_path(manager: ocp.CheckpointManager, step: int) -> str:
                       f"{step}.json")
 
 
+def meaning_path(workdir: str, step: int) -> str:
+  """Where the config fields a resume must match are stored for `step`."""
+  return os.path.join(workdir, "checksums", f"{step}.meaning.json")
+
+
 def file_digests(folder: str) -> dict[str, str]:
   """`{relative path: sha256}` of every file below `folder`."""
   out = {}
@@ -130,10 +140,35 @@ def write_checksums(manager: ocp.CheckpointManager, step: int,
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if digests is None:
       digests = file_digests(_step_dir(manager, step))
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(digests, f)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(digests))
   hosts.barrier(f"checkpoint {step} hashed")
+
+
+def write_meaning(workdir: str, step: int, meaning: dict) -> None:
+  """Stores `meaning` (the config fields a resume must match) with `step`."""
+  path = meaning_path(workdir, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  write_atomic(path, json.dumps(meaning, sort_keys=True))
+
+
+def saved_meaning(workdir: str) -> dict | None:
+  """The stored config fields of the newest checkpoint that has them, or None."""
+  folder = os.path.join(workdir, "checkpoints")
+  steps = sorted((int(n) for n in os.listdir(folder) if n.isdigit()), reverse=True) \
+      if os.path.isdir(folder) else []
+  for step in steps:
+    path = meaning_path(workdir, step)
+    if not os.path.exists(path):
+      continue
+    try:
+      with open(path, encoding="utf-8") as f:
+        meaning = json.load(f)
+      if isinstance(meaning, dict):
+        return meaning
+    except (OSError, ValueError):
+      pass
+    logging.warning("%s is unreadable; ignored", path)
+  return None
 
 
 class BackgroundHash:
@@ -189,8 +224,9 @@ class Checkpoints:
   hosts every process calls `save` and `finish` at the same points (their
   barriers are collective)."""
 
-  def __init__(self, workdir: str, keep: int = 2):
+  def __init__(self, workdir: str, keep: int = 2, meaning: dict | None = None):
     self.manager = make_manager(workdir, keep, on_written=self._on_written)
+    self.workdir, self.meaning = workdir, meaning  # stored with each finished step
     self.saved, self.in_flight = 0, None
     self._times = {}  # the write in flight: start, copy seconds, written-at
     self._hash: BackgroundHash | None = None  # one host: the write in flight's hashing
@@ -236,6 +272,8 @@ class Checkpoints:
       except Exception as e:  # the write itself finished: keep the step, without checksums
         unhashed = e
     waited = time.perf_counter() - begin
+    if self.meaning is not None and hosts.is_main():
+      write_meaning(self.workdir, step, self.meaning)
     if unhashed is None:
       write_checksums(self.manager, step, digests)
     else:
@@ -284,14 +322,44 @@ class Checkpoints:
       self.manager.close()
 
 
-def verify(manager: ocp.CheckpointManager, step: int) -> str | None:
-  """None when step's files match their recorded checksums, else what is wrong.
-  A step saved without checksums (an interrupted save) is checked by Orbax only."""
+def _load_checksums(path: str) -> tuple[dict | None, str | None]:
+  """(checksums, None) from `path`, (None, what is wrong) when unreadable."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      want = json.load(f)
+  except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
+    return None, f"{type(e).__name__}: {e}"
+  if isinstance(want, dict) and all(isinstance(v, str) for v in want.values()):
+    return want, None
+  return None, "not a table of checksums"
+
+
+def read_checksums(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """`step`'s recorded checksums; None when there are none or their file is
+  unreadable (reported in one line: the step is then checked by Orbax alone)."""
   path = _checksum_path(manager, step)
   if not os.path.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    want = json.load(f)
+  want, problem = _load_checksums(path)
+  if problem is not None:
+    logging.warning("checksums file %s is unreadable (%s); checking the checkpoint of round "
+                    "%d by restoring it instead", path, problem, step)
+  return want
+
+
+def checksums_unreadable(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether `step` has a checksums file that `read_checksums` cannot use."""
+  path = _checksum_path(manager, step)
+  return os.path.exists(path) and _load_checksums(path)[1] is not None
+
+
+def verify(manager: ocp.CheckpointManager, step: int) -> str | None:
+  """None when step's files match their recorded checksums, else what is wrong.
+  A step saved without checksums (an interrupted save) or whose checksums file
+  is unreadable is checked by Orbax only."""
+  want = read_checksums(manager, step)
+  if want is None:
+    return None
   have = file_digests(_step_dir(manager, step))
   missing = sorted(set(want) - set(have))
   changed = sorted(k for k in want if k in have and have[k] != want[k])
@@ -313,6 +381,7 @@ def restore_latest(manager: ocp.CheckpointManager, like):
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         _unkey(like))
   for step in steps:
+    rehash = checksums_unreadable(manager, step)
     problem = verify(manager, step)
     if problem is None:
       try:
@@ -323,7 +392,7 @@ def restore_latest(manager: ocp.CheckpointManager, like):
         raise CheckpointMismatch(
             f"{str(manager.directory)!r} holds a checkpoint (round {step}) of another model "
             f"or client set: {len(mismatches)} array(s) differ, e.g. {mismatches[0]}; use a "
-            "new --workdir, or rerun with the saved config.json")
+            f"new --workdir, or {run_config.rerun_advice(os.path.dirname(str(manager.directory)))}")
     if problem is None:
       try:
         restored = manager.restore(
@@ -336,6 +405,9 @@ def restore_latest(manager: ocp.CheckpointManager, like):
       damaged.append(step)
       continue
     _delete_damaged(manager, damaged)
+    if rehash and hosts.is_main():  # restored intact: its files get checksums again
+      write_atomic(_checksum_path(manager, step),
+                   json.dumps(file_digests(_step_dir(manager, step))))
     state = jax.tree.map(lambda ref, x: jax.random.wrap_key_data(x) if _is_key(ref) else x,
                          like, restored.state)
     return int(step), state
@@ -364,8 +436,21 @@ def has_checkpoint(workdir: str) -> bool:
 
 
 def load_saved_config(workdir: str) -> dict | None:
+  """The workdir's `config.json` as a dict, None when there is none; a damaged
+  one raises ConfigError (one line: which file, what to do)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:  # ValueError: not JSON, or not text
+    problem = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
+    saved = None
+  else:
+    problem = None if isinstance(saved, dict) else f"a JSON {type(saved).__name__}"
+  if problem is not None:
+    raise ConfigError(f"{path!r} is damaged ({problem}); delete it and rerun: a resume is "
+                      "checked against the config fields stored with the checkpoints, and "
+                      "the run writes config.json again")
+  return saved

@@ -3,6 +3,7 @@ raised before any data is touched or anything is compiled."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import tempfile
 
@@ -17,12 +18,39 @@ PROTOCOLS = ("standard", "fedreid")
 
 
 def load_config_file(path: str):
-  """`get_config()` of a config file (configs/*.py), as `--config` would load it.
+  """`get_config()` of a config file (configs/*.py), as `--config` would load it,
+  or a run's saved `<workdir>/config.json` (`load_json_config`).
 
   Raises ConfigError (one line: file, line, what) when the file is missing,
   does not import, or has no working `get_config()`."""
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist; see configs/ for the shipped ones")
+  if path.endswith(".json"):
+    return check_sections(load_json_config(path), path)
+  return check_sections(_load_python_config(path), path)
+
+
+SECTIONS = ("cdw", "data", "eval", "fed", "hosts", "kd", "model", "train")
+TOP_FIELDS = ("baselines", "checkpoint_every", "checkpoint_keep", "log_every", "seed")
+
+
+def check_sections(config, path: str):
+  """`config` when it has every section and top-level field of the shipped
+  configs, else ConfigError naming what is missing."""
+  if not hasattr(config, "keys"):
+    raise ConfigError(f"config file {path!r}: get_config() returned a "
+                      f"{type(config).__name__}, not a ConfigDict; start from "
+                      "configs/synthetic.py")
+  missing = [f"config.{k}" for k in SECTIONS if not hasattr(config.get(k), "keys")]
+  missing += [f"config.{k}" for k in TOP_FIELDS if k not in config]
+  if missing:
+    raise ConfigError(f"config file {path!r} lacks {', '.join(missing)}; start from "
+                      "configs/synthetic.py, which has every section")
+  return config
+
+
+def _load_python_config(path: str):
+  """`get_config()` of a Python config file; ConfigError naming the line that failed."""
   spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0] + "_config", path)
   if spec is None:
@@ -44,6 +72,34 @@ def load_config_file(path: str):
       tb = tb.tb_next
     where = f" line {line}" if line else ""
     raise ConfigError(f"config file {path!r}{where} failed: {type(e).__name__}: {e}") from e
+
+
+def _tuples(value):
+  """JSON lists back to the tuples the Python configs use (recursively)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def load_json_config(path: str):
+  """A config saved as JSON (`config.to_json()`, a run's `config.json`) as a
+  ConfigDict equal to the one it was saved from (lists as tuples)."""
+  import ml_collections
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"config file {path!r} cannot be read ({e}); pass a readable "
+                      "config file") from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"config file {path!r} is not valid JSON (line {e.lineno}: {e.msg}); "
+                      "pass a config from configs/ instead") from None
+  if not isinstance(data, dict):
+    raise ConfigError(f"config file {path!r} holds a JSON {type(data).__name__}, not a "
+                      "config object; pass a config from configs/ instead")
+  return ml_collections.ConfigDict(_tuples(data))
 
 
 def _choice(value, choices, field):
@@ -120,10 +176,13 @@ def validate(config) -> None:
 
 
 def check_workdir(workdir: str) -> None:
-  """Creates `workdir` and proves it writable, or raises a one-line error."""
+  """Creates `workdir` and proves it writable, or raises a one-line error; also
+  refuses a file where the run writes a folder (`workdir.check_layout`)."""
+  from fedreid_jax import workdir as workdir_lib
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"workdir {workdir!r} is a file, not a folder; pass --workdir with "
                       "a new or existing folder")
+  workdir_lib.check_layout(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir):

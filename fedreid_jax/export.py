@@ -36,20 +36,20 @@ from fedreid_jax.errors import UserError
 from fedreid_jax.evaluation import features as features_lib
 
 from fedreid_jax.models.reid import build_model
+from fedreid_jax.workdir import write_atomic
 
 FORMAT = 1
 
 
 def save(folder: str, model_cfg, image_size, variables, info: dict | None = None) -> str:
-  """Writes `variables` ({"params", "batch_stats"} of backbone + embedding) to `folder`."""
+  """Writes `variables` ({"params", "batch_stats"} of backbone + embedding) to
+  `folder`, each file atomically (`model.json` last)."""
   os.makedirs(folder, exist_ok=True)
   cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
   meta = {"format": FORMAT, "model": cfg, "image_size": list(image_size), **(info or {})}
   host = jax.tree.map(np.asarray, variables)
-  with open(os.path.join(folder, "variables.msgpack"), "wb") as f:
-    f.write(serialization.msgpack_serialize(host))
-  with open(os.path.join(folder, "model.json"), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2)
+  write_atomic(os.path.join(folder, "variables.msgpack"), serialization.msgpack_serialize(host))
+  write_atomic(os.path.join(folder, "model.json"), json.dumps(meta, indent=2))
   return folder
 
 
@@ -86,8 +86,12 @@ def load(folder: str | Path, batch_size: int = 128) -> ExportedModel:
   if not (folder / "model.json").exists():
     raise UserError(f"{str(folder)!r} holds no exported model (no model.json); a run writes "
                     "one to <workdir>/export at its end")
-  meta = json.loads((folder / "model.json").read_text())
-  variables = serialization.msgpack_restore((folder / "variables.msgpack").read_bytes())
+  try:
+    meta = json.loads((folder / "model.json").read_text())
+    variables = serialization.msgpack_restore((folder / "variables.msgpack").read_bytes())
+  except (OSError, ValueError) as e:  # ValueError: not JSON / not msgpack
+    raise UserError(f"the exported model in {str(folder)!r} is damaged ({type(e).__name__}: "
+                    f"{e}); export it again (a run writes <workdir>/export at its end)") from None
   return ExportedModel(meta, jax.tree.map(jnp.asarray, variables), batch_size)
 
 
@@ -96,14 +100,28 @@ def rank(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
   return np.argsort(-(np.asarray(query) @ np.asarray(gallery).T), axis=1, kind="stable")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+  """Raises UserError (one line) for a missing `--model`/`--query`/`--gallery`
+  folder, a file given for one, or a `--top` below 1."""
+  for flag in ("model", "query", "gallery"):
+    path = getattr(args, flag)
+    if not os.path.exists(path):
+      raise UserError(f"--{flag} {path!r} does not exist; pass a folder")
+    if not os.path.isdir(path):
+      raise UserError(f"--{flag} {path!r} is a file; pass the folder that holds it")
+  if args.top < 1:
+    raise UserError(f"--top {args.top} lists no gallery image; pass 1 or more")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m fedreid_jax.export", description=__doc__.split("\n")[0])
   p.add_argument("--model", required=True, help="an exported model folder (<workdir>/export)")
   p.add_argument("--query", required=True, help="folder of query images")
   p.add_argument("--gallery", required=True, help="folder of gallery images")
-  p.add_argument("--top", type=int, default=5)
+  p.add_argument("--top", type=int, default=5, help="gallery images listed per query (>= 1)")
   args = p.parse_args(argv)
   try:
+    check_arguments(args)
     model = load(args.model)
     q_names, q = model.embed_folder(args.query)
     g_names, g = model.embed_folder(args.gallery)

@@ -12,9 +12,27 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                          lock_config=True)
+
+
+class ConfigFileParser(ConfigFileFlagParser):
+  """`--config` as ml_collections reads it, plus a run's saved `config.json`
+  (`--config <workdir>/config.json`), read by `config_lib.load_config_file`."""
+
+  def parse(self, path):
+    if not path.split(":", 1)[0].endswith(".json"):
+      return super().parse(path)
+    from fedreid_jax.config_lib import load_config_file
+    config = load_config_file(path.split(":", 1)[0])
+    config.lock()
+    return config
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py, or a run's <workdir>/config.json).",
+    lock_config=True)
+flags.FLAGS["config"].parser = ConfigFileParser("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (config, metrics, checkpoints).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -65,22 +83,49 @@ def log_above_progress_bars() -> None:
   handler = _AboveProgressBars()
   handler.setFormatter(absl_logging.PythonFormatter())
   root.removeHandler(absl_logging.get_absl_handler())
+  for old in [h for h in root.handlers if isinstance(h, _AboveProgressBars)]:
+    root.removeHandler(old)  # called again (in one process): one handler, each line once
   root.addHandler(handler)
   root.setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+
+
+class _DropMessage(logging.Filter):
+  """Drops log records whose message starts with `prefix`."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_backend_probe() -> None:
+  """Drops JAX's "Unable to initialize backend 'tpu'" line (its probe for a
+  TPU, logged at every start on machines without one); other backend
+  messages are kept."""
+  probe = logging.getLogger("jax._src.xla_bridge")
+  if not any(isinstance(f, _DropMessage) for f in probe.filters):
+    probe.addFilter(_DropMessage("Unable to initialize backend 'tpu'"))
 
 
 def main(argv):
   del argv
   from fedreid_jax import experiment
   from fedreid_jax import hosts
+  from fedreid_jax.workdir import untouched_if_refused
+  quiet_backend_probe()
   log_above_progress_bars()
   use_compilation_cache()
 
   def run():
     hosts.initialize(_CONFIG.value)  # several hosts: join them before any device starts
     hosts.check_same_config(_CONFIG.value)
-    return experiment.run(_CONFIG.value, _WORKDIR.value)
+    if not hosts.is_main():
+      return experiment.run(_CONFIG.value, _WORKDIR.value)
+    with untouched_if_refused(_WORKDIR.value):  # a refused launch leaves no .lock behind
+      return experiment.run(_CONFIG.value, _WORKDIR.value)
   table = run_or_exit(run)
   if hosts.is_main():
     print(table)

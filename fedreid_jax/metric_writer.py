@@ -8,21 +8,47 @@ import os
 
 from tensorboardX import SummaryWriter
 
+from fedreid_jax.errors import ConfigError
+from fedreid_jax.workdir import write_atomic
+
+
+def read_records(path: str) -> tuple[list[str], list[dict]]:
+  """(lines, their records) of a JSON-lines file. A last line cut short (a
+  kill or a full disk mid-append) is dropped with one warning naming the
+  file; an unreadable line before it raises ConfigError (one line)."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    if isinstance(record, dict):
+      records.append(record)
+    elif number == len(lines):
+      logging.warning("%s: dropped its last line, cut short (%d characters): the run was "
+                      "stopped while writing it", path, len(line.strip()))
+      lines.pop()
+    else:
+      raise ConfigError(f"{path!r} line {number} is not a JSON record; delete that line "
+                        "(or the file) and rerun")
+  return lines, records
+
 
 def trim_jsonl(path: str, last_round: int) -> int:
   """Drops records of rounds after `last_round` (written after the checkpoint
-  a run resumes from); returns how many were dropped. Atomic rewrite."""
+  a run resumes from) and a last line cut short; returns how many records
+  were dropped. Atomic rewrite."""
   if not os.path.exists(path):
     return 0
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.strip()]
-  keep = [line for line in lines if json.loads(line).get("round", 0) <= last_round]
-  if len(keep) < len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
-  return len(lines) - len(keep)
+  with open(path, "rb") as f:
+    raw = f.read()
+  lines, records = read_records(path)
+  keep = [line for line, record in zip(lines, records) if record.get("round", 0) <= last_round]
+  if "".join(keep).encode() != raw:
+    write_atomic(path, "".join(keep))
+  return len(records) - len(keep)
 
 
 class MetricWriter:

@@ -44,6 +44,20 @@ def flatten_eval(results: dict, global_prefix: str = "eval") -> dict[str, float]
           for kind, per_client in results.items() for name, v in per_client.items() for m in METRICS}
 
 
+def best_score(meta_path: str) -> float:
+  """The score recorded in an export's `model.json`; -1 when there is none or
+  the file is unreadable (a damaged best export is replaced)."""
+  if not os.path.exists(meta_path):
+    return -1.0
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      return float(json.load(f).get("score", -1.0))
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    logging.warning("%s is unreadable (%s: %s); the next best model replaces it", meta_path,
+                    type(e).__name__, e)
+    return -1.0
+
+
 def export_if_best(server, config, workdir: str, round_done: int, results: dict) -> None:
   """Exports the global model to <workdir>/export_best when its mean
   `config.eval.best_metric` over clients beats every earlier evaluation
@@ -54,10 +68,8 @@ def export_if_best(server, config, workdir: str, round_done: int, results: dict)
   score = float(np.mean([v[metric] for v in results["global"].values()]))
   folder = os.path.join(workdir, "export_best")
   meta_path = os.path.join(folder, "model.json")
-  if os.path.exists(meta_path):
-    with open(meta_path, encoding="utf-8") as f:
-      if json.load(f).get("score", -1.0) >= score:
-        return
+  if best_score(meta_path) >= score:
+    return
   export_lib.save(folder, config.model, config.data.image_size,
                   rounds_lib.global_variables(server),
                   {"algorithm": config.fed.algorithm, "round": round_done, "metric": metric,

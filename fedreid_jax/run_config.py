@@ -41,16 +41,32 @@ def changes(saved: dict, now: dict) -> dict[str, list]:
   return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def meaning(config: dict) -> dict:
+  """`{field: value}` of the MEANING_FIELDS in a nested config dict (the
+  fields stored with each checkpoint, `check_meaning` accepts it as `saved`)."""
+  flat = flatten(config)
+  return {k: flat[k] for k in MEANING_FIELDS if k in flat}
+
+
+def rerun_advice(workdir: str) -> str:
+  """How to rerun with the config a workdir's checkpoints were trained with."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.isfile(path):
+    return f"rerun with --config {path}"
+  return "rerun with the saved values of those fields"
+
+
 def check_meaning(saved: dict, now: dict, workdir: str) -> None:
   """Refuses a resume that changes a field in MEANING_FIELDS (a field the saved
-  config predates counts as unchanged)."""
+  config predates counts as unchanged). `saved`: a nested config dict or its
+  `meaning`."""
   present = flatten(saved)
   diffs = [f"{k}: saved {v[0]!r} vs now {v[1]!r}" for k, v in changes(saved, now).items()
            if k in MEANING_FIELDS and k in present]
   if diffs:
     raise CheckpointMismatch(
         f"workdir {workdir!r} holds a checkpoint of another config ({'; '.join(diffs)}); "
-        "use a new --workdir, or rerun with the saved config.json")
+        f"use a new --workdir, or {rerun_advice(workdir)}")
 
 
 def record_changes(workdir: str, saved: dict | None, now: dict, after_round: int) -> dict:

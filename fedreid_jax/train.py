@@ -38,7 +38,8 @@ from fedreid_jax.models.reid import build_model
 from fedreid_jax.round_outputs import (METRICS, disk_full_guard, export_if_best, flatten_eval,
                                        round_record)
 from fedreid_jax.stop_signals import StopOnSignal
-from fedreid_jax.workdir import workdir_lock
+from fedreid_jax.workdir import (remove_temporaries, untouched_if_refused, workdir_lock,
+                                 write_atomic)
 
 class Experiment:
   """Everything built once for a run: data streams, model, compiled round stages.
@@ -263,26 +264,33 @@ def run(config, workdir: str, clients_data=None, public=None) -> dict:
 
   Holds the workdir's lock for the whole run. `config.json` is written only
   once the data is loaded and the experiment built, so a run rejected for bad
-  input leaves no trace that would block the corrected command."""
+  input leaves no trace that would block the corrected command (nor the
+  workdir it created, nor its `.lock`)."""
   config_lib.validate(config)
-  config_lib.check_workdir(workdir)
-  with workdir_lock(workdir) if hosts.is_main() else contextlib.nullcontext():
-    return _run_locked(config, workdir, clients_data, public)
+  main = hosts.is_main()
+  with untouched_if_refused(workdir) if main else contextlib.nullcontext():
+    config_lib.check_workdir(workdir)
+    with workdir_lock(workdir) if main else contextlib.nullcontext():
+      return _run_locked(config, workdir, clients_data, public)
 
 
 def _run_locked(config, workdir: str, clients_data, public) -> dict:
-  saved = checkpoint.load_saved_config(workdir)
+  if hosts.is_main():
+    remove_temporaries(workdir)  # left by a killed run
   now = json.loads(config.to_json())
-  if not checkpoint.has_checkpoint(workdir):
-    saved = None  # a launch that never got to a checkpoint binds nothing
+  # a launch that never got to a checkpoint binds nothing
+  saved = checkpoint.load_saved_config(workdir) if checkpoint.has_checkpoint(workdir) else None
   if saved is not None:
     run_config.check_meaning(saved, now, workdir)
+  stored = checkpoint.saved_meaning(workdir)  # checked even when config.json was deleted
+  if stored is not None:
+    run_config.check_meaning(stored, now, workdir)
   if clients_data is None:
     clients_data, public = registry.load(config.data, config.seed)
   logging.info("clients: %s", ", ".join(f"{c.name} ({len(c.train)} imgs, {c.num_train_ids} ids)"
                                          for c in clients_data))
   exp = Experiment(config, clients_data, public)
-  ckpts = checkpoint.Checkpoints(workdir, config.checkpoint_keep)
+  ckpts = checkpoint.Checkpoints(workdir, config.checkpoint_keep, run_config.meaning(now))
   try:
     start, (exp.server, exp.clients) = ckpts.restore_latest((exp.server, exp.clients))
   except Exception:
@@ -293,8 +301,7 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
   main = hosts.is_main()  # process 0 writes the workdir's files; every process checkpoints
   if main:
     run_config.record_changes(workdir, saved, now, start)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))
+    write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=2))
   writer = MetricWriter(workdir, resume_round=start) if main else NullWriter()
   bar = tqdm.tqdm(total=config.fed.rounds, initial=start, desc=f"{config.fed.algorithm} rounds",
                   unit="round", disable=not main)
@@ -311,8 +318,7 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
         results.update(exp.evaluate(config.eval.client_models))
       ckpts.finish()  # results.json says the run is done: its last checkpoint is written
       if main:
-        with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-          json.dump(results, f, indent=2)
+        write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
       if exp.spec.shares and main:  # the global feature extractor, without training state
         export_lib.save(os.path.join(workdir, "export"), config.model, config.data.image_size,
                         rounds_lib.global_variables(hosts.local_copy(exp.server)),

@@ -62,18 +62,32 @@ def _remove_incomplete(data_path: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
 
 
+def check_not_empty(spec: specs.DatasetSpec, listing: layouts.Listing,
+                    records: dict[str, list]) -> None:
+  """Raises LayoutError (before anything is written) when a split the
+  dataset must have holds no image: a layout whose folders are empty."""
+  needed = [s for s, recs in records.items()
+            if not recs and not (spec.public and s in ("query", "gallery"))]
+  if needed:
+    raise layouts.LayoutError(
+        f"{spec.name}: no images found for the {', '.join(needed)} split(s) in the "
+        f"{listing.layout} layout at {listing.root!r}; put the dataset's images there "
+        "(extract the release archive again) and rerun")
+
+
 def prepare(name: str, manual_dir: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, *,
             overwrite: bool = False, skip_corrupt: bool = False,
             split_seed: int = 0) -> Prepared:
   """Builds dataset `name` from `manual_dir` into `data_dir` and checks its counts.
 
   Returns:
-    `Prepared` with the counts found and the mismatches against the paper's
-    table (`specs.EXPECTED`) (each also logged as a warning).
+    `Prepared` with the counts found, the mismatches against the paper's
+    table (`specs.EXPECTED`) and the skipped images (the caller reports them).
   Raises:
     KeyError: unknown dataset name (lists the known ones).
     AlreadyPreparedError: already built and `overwrite` is False.
-    layouts.LayoutError: no accepted layout under `manual_dir`.
+    layouts.LayoutError: no accepted layout under `manual_dir`, or one whose
+      folders hold no image.
     builders.CorruptImageError: an image cannot be decoded (not `skip_corrupt`).
   """
   spec = specs.get_spec(name)
@@ -84,6 +98,7 @@ def prepare(name: str, manual_dir: str | Path, data_dir: str | Path = DEFAULT_DA
         f"{spec.name} is already prepared at {str(data_path)!r}; pass --overwrite "
         "to rebuild it (the existing build is kept until the new one succeeds)")
   plan = builders.plan_records(spec, manual_dir, split_seed)
+  check_not_empty(spec, plan[0], plan[1])
   backup = data_path.parent / f".{data_path.name}.previous"
   if data_path.exists():
     shutil.rmtree(backup, ignore_errors=True)
@@ -111,13 +126,9 @@ def prepare(name: str, manual_dir: str | Path, data_dir: str | Path = DEFAULT_DA
   shutil.rmtree(backup, ignore_errors=True)
   built = builders.get_builder(spec.name, data_dir)
   counts = builders.built_counts(built)
-  mismatches = builders.check_counts(spec.name, counts)
-  for m in mismatches:
-    logging.warning("count check: %s", m)
+  mismatches = builders.check_counts(spec.name, counts)  # reported by the caller
   meta = built.info.metadata
   skipped = list(meta.get("skipped", []))
-  if skipped:
-    logging.warning("%s: skipped %d corrupt image(s)", spec.name, len(skipped))
   return Prepared(spec.name, str(data_path), meta.get("layout", ""), meta.get("source", ""),
                   counts, mismatches, skipped)
 
@@ -136,11 +147,9 @@ def prepare_all(manual_dir: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR,
   for name in names:
     try:
       done.append(prepare(name, manual_dir, data_dir, **kwargs))
-    except AlreadyPreparedError as e:
-      logging.warning("%s", e)
+    except AlreadyPreparedError as e:  # reported by the caller, once
       kept[specs.resolve_name(name)] = str(e)
     except (layouts.LayoutError, builders.CorruptImageError, ValueError) as e:
-      logging.error("%s", e)
       failed[specs.resolve_name(name)] = str(e)
   return done, failed, kept
 
