@@ -263,3 +263,16 @@ def test_backend_probe_line_is_dropped_and_others_kept():
   make = lambda msg: logging.LogRecord(probe.name, logging.INFO, __file__, 1, msg, (), None)
   assert not probe.filter(make("Unable to initialize backend 'tpu': no TPU found"))
   assert probe.filter(make("Unable to initialize backend 'cuda': a plugin is broken"))
+
+
+def test_an_empty_build_of_an_earlier_version_blocks_no_later_prepare(tmp_path, monkeypatch):
+  """An empty layout prepared before it was refused (an earlier version) is
+  replaced by the next `prepare` of the real folder, without --overwrite."""
+  import fixtures
+  from fedreid_jax.data import prepare
+  with monkeypatch.context() as m:
+    m.setattr(prepare, "check_not_empty", lambda *args: None)  # as an earlier version did
+    prepare.prepare("market1501", _empty_market(tmp_path / "empty"), tmp_path / "tfds")
+  root, counts = fixtures.make_market1501(tmp_path / "raw")
+  done = prepare.prepare("market1501", root, tmp_path / "tfds")
+  assert done.counts["train_images"] == counts["train_images"] > 0

@@ -75,6 +75,20 @@ def check_not_empty(spec: specs.DatasetSpec, listing: layouts.Listing,
         "(extract the release archive again) and rerun")
 
 
+def built_empty(name: str, data_dir: str | Path) -> bool:
+  """Whether the build of `name` in `data_dir` holds no training image (an
+  empty layout prepared by an earlier version): it is replaced, not kept."""
+  try:
+    counts = builders.built_counts(builders.get_builder(name, data_dir))
+  except Exception:  # unreadable metadata: not ours to judge; kept as built
+    return False
+  if counts.get("train_images", 0):
+    return False
+  logging.info("%s: the build at %s holds no image; it is replaced", name,
+               builders.build_path(name, data_dir))
+  return True
+
+
 def prepare(name: str, manual_dir: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, *,
             overwrite: bool = False, skip_corrupt: bool = False,
             split_seed: int = 0) -> Prepared:
@@ -93,7 +107,8 @@ def prepare(name: str, manual_dir: str | Path, data_dir: str | Path = DEFAULT_DA
   spec = specs.get_spec(name)
   data_dir = Path(data_dir)
   data_path = builders.build_path(spec.name, data_dir)
-  if builders.is_built(spec.name, data_dir) and not overwrite:
+  if builders.is_built(spec.name, data_dir) and not overwrite and not built_empty(spec.name,
+                                                                                data_dir):
     raise AlreadyPreparedError(
         f"{spec.name} is already prepared at {str(data_path)!r}; pass --overwrite "
         "to rebuild it (the existing build is kept until the new one succeeds)")
