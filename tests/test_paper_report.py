@@ -46,8 +46,24 @@ def fedpav_records() -> list[dict]:
   return records
 
 
-def write_run(folder, algorithm: str, records, seed: int = 0, tail: str = "") -> str:
+# What training writes to algorithm.json for the built-in algorithms: (label, shares, order).
+CARDS = {"local": ("Local training", False, 0), "fedpav": ("FedPav", True, 1),
+         "fedpav_kd": ("FedPav+KD", True, 2), "fedpav_cdw": ("FedPav+CDW", True, 3),
+         "fedpav_kd_cdw": ("FedPav+KD+CDW", True, 4), "fedavg": ("FedAvg", True, 5),
+         "centralised": ("Centralised", True, 6)}
+
+
+def write_card(folder, algorithm: str, label: str, shares: bool, order: int) -> None:
+  with open(os.path.join(folder, "algorithm.json"), "w") as f:
+    json.dump({"name": algorithm, "label": label, "shares": shares, "order": order}, f)
+
+
+def write_run(folder, algorithm: str, records, seed: int = 0, tail: str = "",
+              card: bool = True) -> str:
+  """A run folder; with `card`, its algorithm.json from `CARDS`."""
   os.makedirs(folder, exist_ok=True)
+  if card:
+    write_card(folder, algorithm, *CARDS[algorithm])
   config = {"seed": seed, "data": {"name": "synthetic"},
             "fed": {"algorithm": algorithm, "rounds": 310},
             "eval": {"every_rounds": 10, "protocol": "standard"}}
@@ -166,19 +182,97 @@ def test_report_tables(written):
   assert "seeds 0, 1 (2 seeds)" in text and "standard protocol" in text
   best = _table(text, "Best-3")
   assert best[0] == ("| Client | Local training R-1 | Local training mAP | FedPav R-1 | FedPav mAP "
-                     "| FedPav local R-1 | FedPav local mAP | +KD R-1 | +KD mAP | +CDW R-1 "
-                     "| +CDW mAP |")
-  assert best[2] == ("| syn_market | 85.0 | 42.5 | 65.0 | 32.5 | 80.0 | 40.0 | 70.0 ± 14.1 "
+                     "| FedPav+KD R-1 | FedPav+KD mAP | FedPav+CDW R-1 | FedPav+CDW mAP |")
+  assert best[2] == ("| syn_market | 85.0 | 42.5 | 65.0 | 32.5 | 70.0 ± 14.1 "
                      "| 35.0 ± 7.1 | 50.0 | 25.0 |")
-  assert best[4] == "| syn_viper | - | - | 20.0 | 10.0 | - | - | - | - | - | - |"
-  assert best[5].startswith("| **Mean** | 75.0 | 37.5 | 43.3 | 21.7 | 73.3 | 36.7 | 50.0 ± 0.0 ")
+  assert best[4] == "| syn_viper | - | - | 20.0 | 10.0 | - | - | - | - |"
+  assert best[5].startswith("| **Mean** | 75.0 | 37.5 | 43.3 | 21.7 | 50.0 ± 0.0 ")
   final = _table(text, "Final round")
-  assert final[2].startswith("| syn_market | 90.0 | 45.0 | 99.0 | 49.5 | 20.0 |")
+  assert final[2].startswith("| syn_market | 90.0 | 45.0 | 99.0 | 49.5 | 70.0 ± 14.1 |")
   assert "| FedPav | 0 | 310 | 20, 30, 50 |" in text
   assert "Local training (seed 0): only 2 evaluation(s) in range, all used" in text
-  assert "## Client models against local training" in text
+  clients = _table(text, "Client models against local training")
+  assert clients[0] == ("| Client | Local training R-1 | Local training mAP "
+                        "| FedPav local R-1 | FedPav local mAP |")
+  assert clients[2] == "| syn_market | 85.0 | 42.5 | 80.0 | 40.0 |"
+  assert "FedPav local" not in text.split("## Client models", 1)[0]
   kd = text.split("## Knowledge distillation", 1)[1]
   assert "| syn_market | 10.0 | 5.0 | 70.0 | 35.0 |" in kd  # before / after, seeds pooled
+
+
+def _eval(rnd: int, prefix: str, r1) -> dict:
+  return {"round": rnd, "kind": "eval", **_metrics(prefix, CLIENTS[:2], r1)}
+
+
+def _groups(root) -> dict:
+  return suite_runs.by_algorithm(suite_runs.find_runs(str(root)))
+
+
+def test_fallback_without_algorithm_json(tmp_path, caplog):
+  write_run(tmp_path / "local", "local", [_eval(10, "eval_client", (0.5, 0.5))], card=False)
+  write_run(tmp_path / "fedpav", "fedpav", [{**_eval(10, "eval", (0.4, 0.4)),
+                                             **_eval(10, "eval_client", (0.3, 0.3))}],
+            card=False)
+  write_run(tmp_path / "kd", "fedpav_kd", [_eval(10, "eval", (0.6, 0.6))])
+  write_run(tmp_path / "avg", "fedavg", [_eval(10, "eval", (0.6, 0.6))], card=False)
+  (tmp_path / "avg" / "algorithm.json").write_text("{not json")
+  groups = _groups(tmp_path)
+  local, fedpav = groups["local"][0], groups["fedpav"][0]
+  assert (local.label, local.shares, local.order) == ("local", False, suite_runs.UNKNOWN_ORDER)
+  assert (fedpav.label, fedpav.shares) == ("fedpav", True)
+  assert groups["fedavg"][0].label == "fedavg" and "cannot read algorithm.json" in caplog.text
+  # Runs with a card first, by order; the others after, by name.
+  assert [(c.label, c.prefix) for c in suite_runs.make_columns(groups)] == [
+      ("FedPav+KD", "eval"), ("fedavg", "eval"), ("fedpav", "eval"), ("local", "eval_client")]
+  assert [c.label for c in suite_runs.make_columns(groups, client_models=True)] == [
+      "fedpav local", "local"]
+
+
+def test_columns_follow_order(tmp_path):
+  for alg, label, order in (("a_first", "Zed", 3), ("b_second", "Alpha", 0),
+                            ("c_third", "Beta", 0), ("d_fourth", "Alpha", 9)):
+    write_run(tmp_path / alg, "fedpav", [_eval(10, "eval", (0.5, 0.5))], card=False)
+    write_card(tmp_path / alg, alg, label, True, order)
+    config = json.loads((tmp_path / alg / "config.json").read_text())
+    config["fed"]["algorithm"] = alg
+    (tmp_path / alg / "config.json").write_text(json.dumps(config))
+  columns = suite_runs.make_columns(_groups(tmp_path))
+  assert [c.label for c in columns] == ["Alpha", "Beta", "Zed", "Alpha (d_fourth)"]
+  assert [c.algorithm for c in columns] == ["b_second", "c_third", "a_first", "d_fourth"]
+
+
+def test_plugin_label_is_a_column(tmp_path):
+  write_run(tmp_path / "fedpav", "fedpav", fedpav_records())
+  write_run(tmp_path / "local", "local", [_eval(10, "eval_client", (0.8, 0.6))])
+  write_run(tmp_path / "prox", "fedprox", [{**_eval(10, "eval", (0.7, 0.7)),
+                                            **_eval(10, "eval_client", (0.6, 0.6))}],
+            card=False)
+  write_card(tmp_path / "prox", "fedprox", "FedProx", True, 7)
+  text = open(paper_report.write_report(str(tmp_path)), encoding="utf-8").read()
+  assert _table(text, "Best-3")[0] == (
+      "| Client | Local training R-1 | Local training mAP | FedPav R-1 | FedPav mAP "
+      "| FedProx R-1 | FedProx mAP |")
+  assert _table(text, "Client models against local training")[0] == (
+      "| Client | Local training R-1 | Local training mAP | FedPav local R-1 | FedPav local mAP "
+      "| FedProx local R-1 | FedProx local mAP |")
+
+
+def test_retrieval_from_best_sharing_run(tmp_path):
+  def run(folder, alg, r1, retrieval=True):
+    prefix = "eval" if CARDS[alg][1] else "eval_client"
+    write_run(tmp_path / folder, alg, [_eval(10, prefix, (0.9, 0.9)), _eval(20, prefix, r1)])
+    if retrieval:
+      os.makedirs(tmp_path / folder / "retrieval")
+      (tmp_path / folder / "retrieval" / "syn_market.npz").write_bytes(b"")
+
+  run("local", "local", (0.99, 0.99))  # the best, but without a global model
+  assert paper_report.retrieval_run(_groups(tmp_path))[0] == "local"  # none shares
+  run("fedpav", "fedpav", (0.5, 0.5))
+  run("kd", "fedpav_kd", (0.8, 0.6))  # the last evaluation counts: mean 0.7
+  run("cdw", "fedpav_cdw", (0.9, 0.9), retrieval=False)
+  assert paper_report.retrieval_run(_groups(tmp_path))[0] == "fedpav_kd"
+  run("avg", "fedavg", (0.7, 0.7))  # a tie: the higher order
+  assert paper_report.retrieval_run(_groups(tmp_path))[0] == "fedavg"
 
 
 def _not_flat_png(path, min_kb: float) -> None:

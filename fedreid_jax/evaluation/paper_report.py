@@ -11,22 +11,21 @@ Writes into the output folder (default `<workdir>/report/`):
 - `convergence_<metric>.png` (default rank1 and mAP): a panel per client;
 - `cdw_weights.png` when a CDW run logged `client/<name>/weight`;
 - `retrieval_<client>.png` from one run's `retrieval/<client>.npz`.
+
+Column labels and order come from each run's `algorithm.json` (`suite_runs`).
 """
 from __future__ import annotations
 
 import functools
 import glob
 import logging
+import math
 import os
 from typing import Sequence
 
 from fedreid_jax.evaluation import report, suite_plots, suite_runs
 from fedreid_jax.evaluation.retrieval_examples import draw_retrieval, load_examples
 from fedreid_jax.evaluation.suite_runs import Column, Run
-
-RETRIEVAL_PREFERENCE = ("fedpav_kd_cdw", "fedpav_kd", "fedpav_cdw", "fedpav")
-LABELS = {alg: label for label, alg, prefix in suite_runs.PAPER_COLUMNS if prefix == "eval"}
-LABELS["local"] = "Local training"
 
 
 def _wrote(path: str) -> str:
@@ -106,7 +105,7 @@ def rounds_table(columns: Sequence[Column], used: dict) -> str:
 
 def client_models_table(groups: dict, metrics: Sequence[str], within: int) -> str:
   """Each client's own model before upload (best-3) against local training."""
-  columns = suite_runs.make_columns(groups, suite_runs.CLIENT_MODEL_COLUMNS, others=False)
+  columns = suite_runs.make_columns(groups, client_models=True)
   if len(columns) < 2:
     return ""
   select = functools.partial(suite_runs.select_best, within=within)
@@ -157,7 +156,7 @@ def kd_section(groups: dict, metrics: Sequence[str]) -> str:
     rounds = sorted({r["round"] for r in records})
     results = {"before KD": suite_runs.mean_over(records, "eval_before_kd"),
                "after KD": suite_runs.mean_over(records, "eval")}
-    title = (f"{LABELS.get(alg, alg)}: mean over {len(records)} KD evaluations "
+    title = (f"{runs[0].label}: mean over {len(records)} KD evaluations "
              f"(rounds {', '.join(map(str, rounds))}; {len(runs)} seed(s) pooled)")
     parts.append(report.format_results_table(results, title, metrics=metrics))
   if not parts:
@@ -169,7 +168,7 @@ def kd_section(groups: dict, metrics: Sequence[str]) -> str:
 
 def cdw_section(groups: dict, out_dir: str) -> str:
   """The CDW runs' per-client aggregation weights against round (first seed)."""
-  cdw = {LABELS.get(alg, alg): runs[0] for alg, runs in groups.items()
+  cdw = {runs[0].label: runs[0] for alg, runs in groups.items()
          if "cdw" in alg and suite_plots.weight_keys(runs[0].records)}
   if not cdw:
     return ""
@@ -181,15 +180,31 @@ def cdw_section(groups: dict, out_dir: str) -> str:
           f"(seed {next(iter(cdw.values())).seed}).\n\n![CDW weights]({os.path.basename(path)})\n")
 
 
-def retrieval_run(groups: dict) -> tuple[str, Run] | None:
-  """`(algorithm, run)` whose retrieval pictures to draw: the first of
-  `RETRIEVAL_PREFERENCE`, else any run, having `retrieval/*.npz` (lowest seed)."""
-  order = list(RETRIEVAL_PREFERENCE) + [a for a in groups if a not in RETRIEVAL_PREFERENCE]
-  for alg in order:
-    for run in groups.get(alg, []):
-      if glob.glob(os.path.join(run.path, "retrieval", "*.npz")):
-        return alg, run
+def _with_retrieval(runs: Sequence[Run]) -> Run | None:
+  """The first of `runs` (lowest seed) holding `retrieval/*.npz`, or None."""
+  for run in runs:
+    if glob.glob(os.path.join(run.path, "retrieval", "*.npz")):
+      return run
   return None
+
+
+def _last_rank1(run: Run) -> float:
+  """The mean rank-1 over clients of the run's last `eval` record; -inf when none."""
+  values = suite_runs.select_final(run.records, "eval").values.values()
+  mean = report.finite_mean([m.get("rank1") for m in values])
+  return -math.inf if mean is None else mean
+
+
+def retrieval_run(groups: dict) -> tuple[str, Run] | None:
+  """`(algorithm, run)` whose retrieval pictures to draw, among each
+  algorithm's `_with_retrieval` run: of the sharing ones, the highest
+  `_last_rank1` (ties: the higher order); when none shares, the first."""
+  found = [(alg, run) for alg, run in ((a, _with_retrieval(rs)) for a, rs in groups.items())
+           if run is not None]
+  sharing = [(alg, run) for alg, run in found if run.shares]
+  if sharing:
+    return max(sharing, key=lambda t: (_last_rank1(t[1]), t[1].order))
+  return found[0] if found else None
 
 
 def retrieval_section(groups: dict, out_dir: str) -> str:
@@ -198,8 +213,8 @@ def retrieval_section(groups: dict, out_dir: str) -> str:
   if found is None:
     return ("## Retrieval examples\n\nNo run holds `retrieval/<client>.npz` files "
             "(written at the end of a run).\n")
-  alg, run = found
-  label = LABELS.get(alg, alg)
+  _, run = found
+  label = run.label
   lines = ["## Retrieval examples", "",
            f"From `{run.name}` ({label}, seed {run.seed}): each row a query, then its most "
            "similar gallery images, junk included. Green: the same person seen by "

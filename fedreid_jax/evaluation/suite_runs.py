@@ -7,7 +7,10 @@ algorithms and several seeds.
 
 A column of the paper's table is one algorithm read through one metrics
 prefix: `eval/` (the global model) or `eval_client/` (each client's own model
-before upload). Its value per client comes from one of two selections:
+before upload). What a column is called, its place and whether the algorithm
+has a global model come from the run's `algorithm.json` (written by training:
+`{"name", "label", "shares", "order"}`); no algorithm is named here. Its value
+per client comes from one of two selections:
 
 - `select_final`: the last evaluation;
 - `select_best` (the paper's): among the evaluations at round <= 300, the 3
@@ -31,26 +34,8 @@ BIG_DATASETS = ("market", "duke", "cuhk03", "msmt17")
 BEST_OF = 3
 BEST_WITHIN = 300
 
-# (label, fed.algorithm, metrics prefix), in the paper's order.
-PAPER_COLUMNS = (
-    ("Local training", "local", "eval_client"),
-    ("FedPav", "fedpav", "eval"),
-    ("FedPav local", "fedpav", "eval_client"),
-    ("+KD", "fedpav_kd", "eval"),
-    ("+CDW", "fedpav_cdw", "eval"),
-    ("+KD+CDW", "fedpav_kd_cdw", "eval"),
-    ("FedAvg", "fedavg", "eval"),
-    ("Centralised", "centralised", "eval"),
-)
-# Each client's own model before upload, against training alone.
-CLIENT_MODEL_COLUMNS = (
-    ("Local training", "local", "eval_client"),
-    ("FedPav local", "fedpav", "eval_client"),
-    ("+KD local", "fedpav_kd", "eval_client"),
-    ("+CDW local", "fedpav_cdw", "eval_client"),
-    ("+KD+CDW local", "fedpav_kd_cdw", "eval_client"),
-    ("FedAvg local", "fedavg", "eval_client"),
-)
+ALGORITHM_FILE = "algorithm.json"
+UNKNOWN_ORDER = 10**6  # runs without algorithm.json: after the registered ones, by name
 
 
 def config_value(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
@@ -65,19 +50,43 @@ def config_value(config: Mapping[str, Any], dotted: str, default: Any = None) ->
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One training run: its folder, name relative to the suite, config and records."""
+  """One training run: its folder, name relative to the suite, config, records
+  and `card` (its `algorithm.json`; empty for runs written before it)."""
   path: str
   name: str
   config: dict
   records: list
+  card: dict = dataclasses.field(default_factory=dict)
 
   @property
   def algorithm(self) -> str:
-    return str(config_value(self.config, "fed.algorithm", "unknown"))
+    return str(config_value(self.config, "fed.algorithm", self.card.get("name", "unknown")))
 
   @property
   def seed(self) -> int:
     return int(config_value(self.config, "seed", 0) or 0)
+
+  @property
+  def label(self) -> str:
+    """The algorithm's label; without a card, its name."""
+    label = self.card.get("label")
+    return label if isinstance(label, str) and label else self.algorithm
+
+  @property
+  def shares(self) -> bool:
+    """Whether the algorithm has a global model; without a card, True unless
+    the run logged client models (`eval_client/`) but no global one (`eval/`)."""
+    if isinstance(self.card.get("shares"), bool):
+      return self.card["shares"]
+    return bool(eval_records(self.records, "eval")
+                or not eval_records(self.records, "eval_client"))
+
+  @property
+  def order(self) -> int:
+    """The algorithm's place in the registry; without a card, `UNKNOWN_ORDER`."""
+    order = self.card.get("order")
+    ok = isinstance(order, int) and not isinstance(order, bool)
+    return order if ok else UNKNOWN_ORDER
 
 
 def _candidate_dirs(workdir: str) -> list[tuple[str, str]]:
@@ -104,7 +113,21 @@ def _load_run(path: str, name: str) -> Run | None:
     logging.warning("skipping %s: cannot read config.json (%s)", path, e)
     return None
   records = report.read_metrics_jsonl(os.path.join(path, "metrics.jsonl"))
-  return Run(path, name, config if isinstance(config, dict) else {}, records)
+  return Run(path, name, config if isinstance(config, dict) else {}, records, _read_card(path))
+
+
+def _read_card(path: str) -> dict:
+  """The run's `algorithm.json`, or {} when absent or unreadable (with a warning)."""
+  file = os.path.join(path, ALGORITHM_FILE)
+  if not os.path.isfile(file):
+    return {}
+  try:
+    with open(file, encoding="utf-8") as f:
+      card = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    logging.warning("%s: cannot read %s (%s); using the run's config", path, ALGORITHM_FILE, e)
+    return {}
+  return card if isinstance(card, dict) else {}
 
 
 def _missing_message(workdir: str, partial: list[str]) -> str:
@@ -186,18 +209,38 @@ class Column:
   runs: tuple
 
 
-def make_columns(groups: Mapping[str, Sequence[Run]], specs=PAPER_COLUMNS,
-                 others: bool = True) -> list[Column]:
-  """The columns of `specs` whose algorithm (in `groups`, from `by_algorithm`)
-  has runs with that prefix logged; with `others`, then one column per
-  algorithm that no spec names."""
-  out = [Column(label, alg, prefix, tuple(groups[alg])) for label, alg, prefix in specs
-         if alg in groups and any(eval_records(r.records, prefix) for r in groups[alg])]
-  known = {alg for _, alg, _ in PAPER_COLUMNS + CLIENT_MODEL_COLUMNS}
-  if others:
-    for alg, group in groups.items():
-      if alg not in known:
-        out.append(Column(alg, alg, report.eval_prefix(group[0].records), tuple(group)))
+def ordered(groups: Mapping[str, Sequence[Run]]) -> list[str]:
+  """The algorithms of `groups` by (order, name) of their first run."""
+  return sorted(groups, key=lambda alg: (groups[alg][0].order, alg))
+
+
+def column_specs(groups: Mapping[str, Sequence[Run]], client_models: bool = False
+                 ) -> list[tuple[str, str, str]]:
+  """`(label, algorithm, prefix)` per algorithm in `ordered` order. Main table:
+  the global model (`eval`) of a sharing algorithm, else its clients' models
+  (`eval_client`). With `client_models`: `eval_client`, as "<label> local"
+  for a sharing algorithm."""
+  out = []
+  for alg in ordered(groups):
+    run = groups[alg][0]
+    if client_models:
+      out.append((f"{run.label} local" if run.shares else run.label, alg, "eval_client"))
+    else:
+      out.append((run.label, alg, "eval" if run.shares else "eval_client"))
+  return out
+
+
+def make_columns(groups: Mapping[str, Sequence[Run]], client_models: bool = False
+                 ) -> list[Column]:
+  """The `column_specs` columns whose algorithm (in `groups`, from
+  `by_algorithm`) has runs with that prefix logged. A label already taken
+  gets the algorithm's name appended."""
+  out, seen = [], set()
+  for label, alg, prefix in column_specs(groups, client_models):
+    if any(eval_records(r.records, prefix) for r in groups[alg]):
+      label = f"{label} ({alg})" if label in seen else label
+      seen.add(label)
+      out.append(Column(label, alg, prefix, tuple(groups[alg])))
   return out
 
 
