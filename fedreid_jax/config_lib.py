@@ -23,6 +23,9 @@ def load_config_file(path: str):
 
   Raises ConfigError (one line: file, line, what) when the file is missing,
   does not import, or has no working `get_config()`."""
+  if os.path.isdir(path):
+    raise ConfigError(f"config file {path!r} is a folder; pass a file such as "
+                      "configs/synthetic.py or <workdir>/config.json")
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist; see configs/ for the shipped ones")
   if path.endswith(".json"):

@@ -156,8 +156,21 @@ def unknown_override(argv: list[str]) -> str | None:
   return None
 
 
+def missing_flag(argv: list[str]) -> str | None:
+  """A one-line error when `--config` or `--workdir` is not given (absl's own
+  message takes two lines); None when both are, or help is asked for."""
+  if any(a.split("=", 1)[0] in ("--help", "--helpshort", "--helpfull", "-h") for a in argv):
+    return None
+  for name, example in (("config", "configs/synthetic.py"), ("workdir", "runs/demo")):
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")] + [
+        argv[i + 1] for i, a in enumerate(argv[:-1]) if a == f"--{name}"]
+    if not any(values):
+      return f"error: --{name} is required, e.g. --{name} {example}"
+  return None
+
+
 def entry():
-  error = unknown_override(sys.argv[1:])
+  error = missing_flag(sys.argv[1:]) or unknown_override(sys.argv[1:])
   if error:
     sys.exit(error)
   app.run(main)

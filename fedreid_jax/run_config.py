@@ -17,6 +17,7 @@ import os
 import time
 
 from fedreid_jax.errors import CheckpointMismatch
+from fedreid_jax.workdir import write_atomic
 
 MEANING_FIELDS = ("seed", "data.name", "data.clients", "data.scenario", "data.scenario_clients",
                   "data.image_size", "fed.algorithm", "train.batch_size", "cdw.form", "cdw.mode",
@@ -69,6 +70,25 @@ def check_meaning(saved: dict, now: dict, workdir: str) -> None:
         f"use a new --workdir, or {rerun_advice(workdir)}")
 
 
+def complete_lines(path: str) -> str:
+  """The text of a JSON-lines file without a last line cut short (a kill
+  mid-write; dropped with one warning); "" when there is no file."""
+  if not os.path.exists(path):
+    return ""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    text = f.read()
+  head, _, last = text.rstrip("\n").rpartition("\n")
+  if not last or text.endswith("\n"):
+    return text
+  try:
+    json.loads(last)
+    return text + "\n"
+  except ValueError:
+    logging.warning("%s: dropped its last line, cut short: the run was stopped while "
+                    "writing it", path)
+    return head + "\n" if head else ""
+
+
 def record_changes(workdir: str, saved: dict | None, now: dict, after_round: int) -> dict:
   """Appends the fields changed since `saved` to run_history.jsonl (with the
   round they apply after) and logs them; returns the changes."""
@@ -76,8 +96,8 @@ def record_changes(workdir: str, saved: dict | None, now: dict, after_round: int
   if saved is None or diff:
     entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_round": after_round}
     entry.update({"started": True} if saved is None else {"changes": diff})
-    with open(os.path.join(workdir, "run_history.jsonl"), "a", encoding="utf-8") as f:
-      f.write(json.dumps(entry) + "\n")
+    path = os.path.join(workdir, "run_history.jsonl")
+    write_atomic(path, complete_lines(path) + json.dumps(entry) + "\n")
   for key, (old, new) in diff.items():
     logging.info("config changed on resume after round %d: %s %r -> %r", after_round, key,
                  old, new)

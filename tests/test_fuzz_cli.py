@@ -57,6 +57,10 @@ def _main_args(config, workdir, *overrides):
 CASES = [
     ("main-missing-config", "main",
      lambda t: _main_args(str(t / "nowhere.py"), str(t / "wd")), "does not exist"),
+    ("main-no-workdir", "main", lambda t: ["--config", SYNTHETIC], "--workdir is required"),
+    ("main-no-config", "main", lambda t: ["--workdir", str(t / "wd")], "--config is required"),
+    ("main-config-is-a-folder", "main", lambda t: _main_args(str(t), str(t / "wd")),
+     "is a folder"),
     ("main-config-lacks-sections", "main",
      lambda t: _main_args(_write(t / "partial.py", "import ml_collections\n\ndef get_config():\n"
                                  "  return ml_collections.ConfigDict({'seed': 0})\n"),

@@ -269,3 +269,15 @@ def test_unreadable_best_export_is_replaced(tmp_path, caplog):
   assert str(meta) in caplog.text
   meta.write_text('{"score": 0.5}')
   assert best_score(str(meta)) == 0.5
+
+
+def test_run_history_line_cut_short_is_dropped_and_the_next_entry_intact(tmp_path, caplog):
+  history = tmp_path / "run_history.jsonl"
+  history.write_text(json.dumps({"after_round": 0, "started": True}) + '\n{"time": "20')
+  saved = json.loads(fakes.tiny_config().to_json())
+  now = json.loads(fakes.tiny_config(**{"fed.rounds": 5}).to_json())
+  with caplog.at_level(logging.WARNING):
+    run_config.record_changes(str(tmp_path), saved, now, after_round=2)
+  assert str(history) in caplog.text
+  entries = [json.loads(line) for line in history.read_text().splitlines()]
+  assert entries[0]["started"] and entries[1]["changes"] == {"fed.rounds": [2, 5]}
