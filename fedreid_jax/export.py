@@ -113,8 +113,15 @@ def check_arguments(args: argparse.Namespace) -> None:
     raise UserError(f"--top {args.top} lists no gallery image; pass 1 or more")
 
 
+class OneLineParser(argparse.ArgumentParser):
+  """argparse whose usage errors are one line (`error: ...`, status 2)."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m fedreid_jax.export", description=__doc__.split("\n")[0])
+  p = OneLineParser(prog="python -m fedreid_jax.export", description=__doc__.split("\n")[0])
   p.add_argument("--model", required=True, help="an exported model folder (<workdir>/export)")
   p.add_argument("--query", required=True, help="folder of query images")
   p.add_argument("--gallery", required=True, help="folder of gallery images")

@@ -21,10 +21,17 @@ import sys
 from fedreid_jax.data import prepare, specs
 
 
+class OneLineParser(argparse.ArgumentParser):
+  """argparse whose usage errors are one line (`error: ...`, status 2)."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m fedreid_jax.data",
-                              description="Prepare the re-ID datasets as TFDS array_record.")
-  sub = p.add_subparsers(dest="command", required=True)
+  p = OneLineParser(prog="python -m fedreid_jax.data",
+                    description="Prepare the re-ID datasets as TFDS array_record.")
+  sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
   prep = sub.add_parser("prepare", help="build one dataset, or all")
   prep.add_argument("--dataset", required=True,
                     help=f"one of {', '.join(specs.ALL)}, a comma-separated list, "
