@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.random_erasing = 0.0
 
   c.fed = ml_collections.ConfigDict()
-  # fedpav | fedpav_kd | fedpav_cdw | fedpav_kd_cdw | local | fedavg | centralised
+  # any registered algorithm (fedreid_jax.federated.registered(); docs/algorithms.md)
   c.fed.algorithm = "fedpav"
   c.fed.rounds = 15
   c.fed.clients_per_round = 0  # 0: all; 0<x<1: fraction; >=1: count

@@ -11,8 +11,11 @@ from fedreid_jax import hosts
 from fedreid_jax.data import registry
 from fedreid_jax.errors import ConfigError
 
-from fedreid_jax.federated import cdw, execution, kd, rounds
+from fedreid_jax.federated import algorithm as algorithm_lib
+from fedreid_jax.federated import cdw, kd, strategies
+from fedreid_jax.federated import registry as algorithm_registry
 from fedreid_jax.models import conv, pretrained, resnet
+from fedreid_jax.models.reid import build_model
 
 PROTOCOLS = ("standard", "fedreid")
 
@@ -132,12 +135,12 @@ def validate(config) -> None:
   """Raises ConfigError on the first invalid field."""
   _choice(config.data.name, registry.names(), "data.name")
   _choice(config.data.scenario, registry.SCENARIOS, "data.scenario")
-  _choice(config.fed.algorithm, rounds.ALGORITHMS, "fed.algorithm")
+  algorithm_registry.check_name(config.fed.algorithm)
   for b in config.baselines:
-    _choice(b, rounds.ALGORITHMS, "baselines")
-  _choice(config.fed.strategy, execution.STRATEGIES, "fed.strategy")
-  _choice(config.fed.weighting, tuple(rounds.WEIGHTINGS), "fed.weighting")
-  _choice(config.fed.bn_aggregation, rounds.BN_AGGREGATIONS, "fed.bn_aggregation")
+    algorithm_registry.check_name(b, "baselines")
+  _choice(config.fed.strategy, strategies.registered_strategies(), "fed.strategy")
+  _choice(config.fed.weighting, tuple(algorithm_lib.WEIGHTINGS), "fed.weighting")
+  _choice(config.fed.bn_aggregation, algorithm_lib.BN_AGGREGATIONS, "fed.bn_aggregation")
   _choice(config.eval.protocol, PROTOCOLS, "eval.protocol")
   _choice(config.cdw.form, cdw.FORMS, "cdw.form")
   _choice(config.cdw.mode, cdw.MODES, "cdw.mode")
@@ -176,6 +179,17 @@ def validate(config) -> None:
           "model.bn_unbiased_variance")
   if config.model.get("pretrained"):  # exists, known format; contents: when the model is built
     pretrained.check_file(config.model)
+  for name in (config.fed.algorithm, *config.baselines):  # each factory gives an Algorithm
+    describe_algorithm(name, config)
+
+
+def describe_algorithm(name: str, config):
+  """The registered algorithm `name` as `config` would build it, on a stand-in
+  model (one class; its parts are never run): its label and fields, and
+  the factory checked before anything real is built."""
+  sub = config.copy_and_resolve_references()
+  sub.fed.algorithm = name
+  return algorithm_registry.build_algorithm(name, sub, build_model(sub.model, 1))
 
 
 def check_workdir(workdir: str) -> None:

@@ -8,17 +8,12 @@ import os
 
 from fedreid_jax import config_lib, hosts, train
 from fedreid_jax.data import registry
-from fedreid_jax.federated import algorithms, rounds
+from fedreid_jax.federated import checks
 from fedreid_jax.workdir import workdir_lock
 
-MODEL_LABELS = {"fedpav": "FedPav", "fedpav_kd": "FedPav+KD", "fedpav_cdw": "FedPav+CDW",
-                "fedpav_kd_cdw": "FedPav+KD+CDW", "local": "Local training", "fedavg": "FedAvg",
-                "centralised": "Centralised"}
 
-
-def _columns(algorithm: str, results: dict) -> dict:
-  """Run results -> {column label: {client: metrics}}."""
-  label = MODEL_LABELS[algorithm]
+def result_columns(label: str, results: dict) -> dict:
+  """Run results -> {column label: {client: metrics}} (`label`: the algorithm's)."""
   cols = {}
   if "global" in results:
     cols[label] = results["global"]
@@ -62,8 +57,11 @@ def _run_locked(config, workdir: str) -> str:
   clients_data, public = registry.load(config.data, config.seed)
   for algorithm in (config.fed.algorithm, *config.baselines):  # bad input before any training
     sub_cfg = _with_algorithm(config, algorithm)
-    algorithms.check_input(sub_cfg, rounds.algorithm_spec(sub_cfg.fed), clients_data, public)
-  columns = _columns(config.fed.algorithm, train.run(config, workdir, clients_data, public))
+    checks.check_input(sub_cfg, config_lib.describe_algorithm(algorithm, config), clients_data,
+                       public)
+  label = lambda name: config_lib.describe_algorithm(name, config).label
+  columns = result_columns(label(config.fed.algorithm),
+                           train.run(config, workdir, clients_data, public))
   plots = []
   for baseline in config.baselines:
     if baseline == config.fed.algorithm:
@@ -71,7 +69,7 @@ def _run_locked(config, workdir: str) -> str:
     sub_cfg = _with_algorithm(config, baseline)
     sub_dir = os.path.join(workdir, f"baseline_{baseline}")
     logging.info("baseline %s -> %s", baseline, sub_dir)
-    sub = _columns(baseline, train.run(sub_cfg, sub_dir, clients_data, public))
+    sub = result_columns(label(baseline), train.run(sub_cfg, sub_dir, clients_data, public))
     if hosts.is_main():  # process 0 writes the tables and plots
       plots.append(_report(sub, sub_cfg, sub_dir))
     columns.update(sub)

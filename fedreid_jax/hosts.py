@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from fedreid_jax import run_config
+from fedreid_jax.arrays import first_replica
 from fedreid_jax.errors import ConfigError
 
 # Fields that may differ between the processes of one run.
@@ -197,17 +198,18 @@ def to_host(tree):
   return jax.tree.map(one, tree)
 
 
-def local_copy(tree):
-  """`tree` with every array replicated over several devices (of this host or
-  of several) replaced by this host's first copy, on one device: for
-  computations of one model on one device (evaluation, exports; a model
-  replicated over a mesh would otherwise run every batch on every device).
-  Arrays on one device are kept."""
-  def one(x):
-    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-      shard = x.addressable_shards[0]
-      if shard.data.shape != x.shape:
-        raise ValueError(f"an array of shape {x.shape} is split over devices, not replicated")
-      return shard.data
-    return x
-  return jax.tree.map(one, tree)
+local_copy = first_replica  # this host's first copy of a replicated tree (arrays.py)
+
+
+class HostTopology:
+  """The federated core's `topology.Topology` over this run's hosts (every
+  process calls the collectives together)."""
+
+  def sum_over_hosts(self, values: np.ndarray) -> np.ndarray:
+    return sum_over_hosts(values)
+
+  def to_host(self, tree):
+    return to_host(tree)
+
+  def local_copy(self, tree):
+    return first_replica(tree)

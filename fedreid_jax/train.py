@@ -6,10 +6,11 @@ config as an argument and never reads flags.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
-import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,15 +19,18 @@ import tqdm
 
 from fedreid_jax import checkpoint, config_lib, hosts
 from fedreid_jax import export as export_lib
+from fedreid_jax import round_loop
 from fedreid_jax import run_config
 from fedreid_jax.data import registry
 from fedreid_jax.data import scenarios
-from fedreid_jax.errors import ConfigError, Interrupted, TrainingDiverged
+from fedreid_jax.errors import ConfigError, TrainingDiverged
 from fedreid_jax.evaluation import features as features_lib
 from fedreid_jax.evaluation import streamed as streamed_lib
-from fedreid_jax.federated import algorithms, device_queues, execution
+from fedreid_jax import federated
+from fedreid_jax.federated import checks, device_queues, execution, strategies
 from fedreid_jax.federated import local as local_lib
 from fedreid_jax.federated import params as params_lib
+from fedreid_jax.federated import placement as placement_lib
 from fedreid_jax.federated import rounds as rounds_lib
 from fedreid_jax.federated import sampling
 from fedreid_jax.federated import state as state_lib
@@ -35,18 +39,23 @@ from fedreid_jax.input.train_input import TrainInput
 from fedreid_jax.metric_writer import MetricWriter, NullWriter
 from fedreid_jax.models import pretrained
 from fedreid_jax.models.reid import build_model
-from fedreid_jax.round_outputs import (METRICS, disk_full_guard, export_if_best, flatten_eval,
-                                       round_record)
+from fedreid_jax.round_outputs import disk_full_guard, round_record
 from fedreid_jax.stop_signals import StopOnSignal
 from fedreid_jax.workdir import (remove_temporaries, untouched_if_refused, workdir_lock,
                                  write_atomic)
 
+class RunState(NamedTuple):
+  """What a round maps: the server and every client (`[C, ...]`)."""
+  server: state_lib.ServerState
+  clients: state_lib.ClientStates
+
+
 class Experiment:
   """Everything built once for a run: data streams, model, compiled round stages.
 
-  The config's algorithm supplies its parts (`federated.algorithms`: the CDW
-  measurement and weights, the KD stage); `measurements` ({name:
-  `rounds.Measurement`}) and `server_stages` (`rounds.ServerStage`s) add more.
+  The config's algorithm (`federated.build_algorithm(config.fed.algorithm)`)
+  supplies its parts; `measurements` ({name: `algorithm.Measurement`}) and
+  `server_stages` (`rounds.ServerStage`s) add more.
   The centralised baseline trains one client holding every training set and
   is evaluated on every client's test set.
   """
@@ -54,10 +63,10 @@ class Experiment:
   def __init__(self, config, clients_data, public=None, *, measurements=None,
                server_stages=()):
     self.config = cfg = config
-    self.spec = rounds_lib.algorithm_spec(cfg.fed)
+    described = config_lib.describe_algorithm(cfg.fed.algorithm, cfg)  # before the model
     hosts.check_running(cfg)
-    algorithms.check_input(cfg, self.spec, clients_data, public)
-    rows = 1 if self.spec.centralised else len(clients_data)  # clients in the state
+    checks.check_input(cfg, described, clients_data, public)
+    rows = 1 if described.centralised else len(clients_data)  # clients in the state
     self.num_selected = sampling.num_selected(cfg.fed.clients_per_round, rows)
     devices = device_queues.queue_devices(cfg.fed.num_devices)
     # `devices`: the client state split over a `clients` mesh from the start (over the
@@ -76,7 +85,7 @@ class Experiment:
                   if cfg.eval.streamed else features_lib.load_test_set(c, tuple(cfg.data.image_size))
                   for i, c in enumerate(clients_data)]
     self.test_names = [c.name for c in clients_data]
-    if self.spec.centralised:
+    if described.centralised:
       clients_data = [scenarios.merged(clients_data)]
     self.clients_data = clients_data
     self.size = tuple(cfg.data.image_size)
@@ -89,20 +98,27 @@ class Experiment:
           f"{cfg.train.batch_size}; lower the batch size or drop them via config.data.clients")
     self.model = build_model(cfg.model, int(num_classes.max()))
     self.tx = local_lib.make_optimizer(cfg.train)
-    local_step = local_lib.make_local_step(self.model, self.tx, cfg.train)
-    self.execute = execution.make_execution(
+    alg = federated.build_algorithm(cfg.fed.algorithm, cfg, self.model)
+    self.algorithm = alg = dataclasses.replace(
+        alg, measurements={**alg.measurements, **(measurements or {})},
+        server_stages=(*alg.server_stages, *server_stages))
+    local_step = local_lib.make_local_step(self.model, self.tx, cfg.train,
+                                           alg.client_regularizer)
+    self.topology = hosts.HostTopology()  # the federated core's collectives over hosts
+    self.execute = strategies.make_execution(
         cfg.fed.strategy, local_step, cfg.fed.chunk_steps,
-        execution.make_mesh(cfg.fed.strategy, self.num_selected, cfg.fed.num_devices), devices)
-    parts = algorithms.make_parts(self.spec, cfg, self.model)
-    self.received_stats = parts.received_stats
-    measurements = {**parts.measurements, **(measurements or {})}
-    self.measurement_names = sorted(measurements)
+        execution.make_mesh(cfg.fed.strategy, self.num_selected, cfg.fed.num_devices), devices,
+        self.topology)
+    self.received_stats = alg.received_stats
     self.stages = rounds_lib.make_round_stages(
-        self.spec, self.tx, measurements, parts.weighting,
-        (*parts.server_stages, *server_stages),
+        alg, self.tx,
         every_client_sharding=(jax.sharding.NamedSharding(
             self.state_mesh, jax.sharding.PartitionSpec(device_queues.AXIS))
                            if self.state_mesh is not None else None))
+    # where the client state lives: rows in place over the mesh, or gathered per round
+    self.placement = (placement_lib.Rows(self.stages, rows, self.topology)
+                      if self.state_mesh is not None
+                      else placement_lib.Gathered(self.stages, rows))
     input_kw = dict(image_size=self.size, batch_size=cfg.train.batch_size,
                     epochs=cfg.train.local_epochs, seed=cfg.seed, in_memory=cfg.data.in_memory,
                     loader_threads=cfg.data.loader_threads,
@@ -123,7 +139,9 @@ class Experiment:
     if cfg.model.get("pretrained"):  # ImageNet weights: server and every client's backbone
       self.server, self.clients = state_lib.load_shared(
           self.server, self.clients, pretrained.load_backbone(cfg.model), self.tx)
-    self.before_server_stages = None  # the global model's evaluation before KD, on KD rounds
+    if alg.server_optimizer is not None:  # its state is part of the server (checkpointed)
+      self.server = self.server._replace(
+          opt_state=jax.jit(alg.server_optimizer.init)(self.server.params))
     self._finite = jax.jit(lambda server, clients: (
         state_lib.all_finite((server.params, server.batch_stats)),
         state_lib.finite_per_client(clients)))
@@ -155,74 +173,86 @@ class Experiment:
       self.inputs.schedule([(r, int(c)) for r in rounds for c in self.selected(r)
                             if int(c) in self.own])
 
-  def train_round(self, round_index: int, on_steps=None) -> dict:
-    """Runs one round through its stages; returns its train record."""
-    cfg = self.config
-    ids = self.selected(round_index)
-    ids_dev = jnp.asarray(ids, jnp.int32)
-    rows = self.state_mesh is not None  # a split state: the selected rows change in place
-    lanes = range(len(self.clients_data)) if rows else [int(c) for c in ids]
-    mask = np.isin(np.arange(len(self.clients_data)), ids)
-    chosen = mask if rows else ids_dev  # what broadcast selects by
-    selected = self.stages.broadcast(self.server, self.clients, chosen)
-    own_ids = [int(c) for c in ids if int(c) in self.own]  # all, on one host
-    measuring = self.stages.measure is not None
-    # split state: each client measured where it lives (and, for the reference CDW, its
-    # statistics pass run on the host holding it), on its own batch (a host may hold no
-    # selected client); else the batches stacked
-    batches = ({c: self.inputs.measurement_one(c, round_index, cfg.cdw.batch_size)
-                for c in own_ids} if measuring and rows else {})
-    batch = (self.inputs.measurement_batch(own_ids, round_index, cfg.cdw.batch_size)
-             if measuring and not rows else None)
-    if self.received_stats is not None:  # reference CDW: statistics changed in flight
-      order = sampling.round_order(cfg.seed, round_index, len(ids))
-      selected = (self.received_stats.into_rows(
-          self.server, selected, {c: b["image"] for c, b in batches.items()}, ids, order, mask)
-                  if rows else algorithms.with_received_stats(
-          selected, self.received_stats(self.server, batch["image"], jnp.asarray(order))))
-    streams = self.inputs.streams(  # several hosts: each reads its own clients' data
-        [c if c in own_ids else None for c in lanes], round_index,
-        in_order=getattr(self.execute, "reads_clients_in_order", False))
-    trained, metrics = self.execute(
-        selected, streams, [self.inputs.num_steps(c) if c in ids else 0 for c in lanes], on_steps)
-    measured = {}
-    if measuring:
-      before = self.stages.broadcast(self.server, self.clients, chosen)
-      if rows:
-        measured, trained = self.execute.measure(
-            self.stages.measure_one, self.measurement_names, before, trained,
-            {c: (b["image"], b["label"]) for c, b in batches.items()})
-      else:
-        measured, trained = self.stages.measure(before, trained, batch["image"], batch["label"])
-    weights = hosts.to_host(self.stages.weights(trained, measured)) * (mask if rows else 1)
-    first = int(sampling.first_client(cfg.seed, round_index, len(ids)))
-    self.server = self.stages.aggregate(self.server, trained, weights,
-                                        jnp.int32(ids[first] if rows else first))
-    self.clients = self.stages.scatter(self.clients, trained, ids_dev)
-    if rows:  # the record lists the selected clients only
-      metrics, measured, weights = jax.tree.map(lambda v: np.asarray(v)[ids],
-                                                (metrics, measured, weights))
-    names = [self.clients_data[c].name for c in ids]
-    record = round_record(names, metrics, measured, weights)
-    record.update(getattr(self.execute, "report", dict)())  # `devices`: the schedule
-    record.update(self.run_server_stages(round_index, ids_dev))
-    return record
+  @property
+  def state(self) -> RunState:
+    """The run's current state (what `round_fn` maps and checkpoints hold)."""
+    return RunState(self.server, self.clients)
 
-  def run_server_stages(self, round_index: int, ids_dev) -> dict[str, float]:
-    """The server stages after aggregation; on a round where one is active
-    (KD) the global model is first evaluated (`before_server_stages`)."""
-    stages = self.stages.server_stages
-    self.before_server_stages = None
-    if any(getattr(s, "active", lambda r: False)(round_index) for s in stages):
-      if self.config.eval.before_kd:
-        self.before_server_stages = self.evaluate(client_models=False)
-    context = rounds_lib.ServerContext(round_index, self.clients, ids_dev, self.public)
+  @state.setter
+  def state(self, value: RunState) -> None:
+    self.server, self.clients = value
+
+  def train_round(self, round_index: int, on_steps=None) -> dict:
+    """`round_fn` and the server stages on the experiment's own state; returns
+    the round's train record (tests, tools; the loop calls the two itself)."""
+    self.state, record = self.round_fn(self.state, round_index, on_steps)
+    self.state, extra = self.server_fn(self.state, round_index)
+    return {**record, **extra}
+
+  def server_stages_active(self, round_index: int) -> bool:
+    """Whether a server stage (KD) changes the global model after this round."""
+    return any(getattr(s, "active", lambda r: False)(round_index)
+               for s in self.stages.server_stages)
+
+  def round_fn(self, state: RunState, round_index: int, on_steps=None
+               ) -> tuple[RunState, dict]:
+    """One round's client part on `state`, its stages in order: select
+    (broadcast), train, measure, weigh, aggregate, write back. Where the
+    client state lives is `self.placement`'s; how clients run, `self.execute`'s.
+    Returns the new state and the round's train record; `on_steps(n)` is told
+    of each dispatched piece of local steps."""
+    server, clients = state
+    place, ids = self.placement, self.selected(round_index)
+    own = [int(c) for c in ids if int(c) in self.own]  # all, on one host
+    batches = self.measurement_batches(own, round_index)  # {client: (images, labels)}
+    selected = place.select(server, clients, ids)
+    if self.received_stats is not None:  # reference CDW: statistics changed in flight
+      selected = place.receive_stats(
+          self.received_stats, server, selected, {c: b[0] for c, b in batches.items()}, ids,
+          sampling.round_order(self.config.seed, round_index, len(ids)))
+    lanes = place.lanes(ids)
+    streams = self.inputs.streams(  # several hosts: each reads its own clients' data
+        [c if c in own else None for c in lanes], round_index,
+        in_order=getattr(self.execute, "reads_clients_in_order", False))
+    shared = server.params if self.algorithm.client_regularizer is not None else ()
+    trained, metrics = self.execute(shared, selected, streams,
+                                    [self.inputs.num_steps(c) if c in ids else 0 for c in lanes],
+                                    on_steps)
+    measured = {}
+    if self.stages.measure is not None:  # every host calls it (a host may hold none)
+      measured, trained = place.measure(place.select(server, clients, ids), trained, batches)
+    weights = place.weights(self.topology.to_host(self.stages.weights(trained, measured)), ids)
+    first = int(sampling.first_client(self.config.seed, round_index, len(ids)))
+    server = self.stages.aggregate(server, trained, weights, jnp.int32(place.first(ids, first)))
+    clients = place.write_back(clients, trained, ids)
+    metrics, measured, weights = place.of_selected((metrics, measured, weights), ids)
+    record = round_record([self.clients_data[c].name for c in ids], metrics, measured, weights)
+    record.update(getattr(self.execute, "report", dict)())  # `devices`: the schedule
+    return RunState(server, clients), record
+
+  def measurement_batches(self, own: list[int], round_index: int) -> dict:
+    """{client: (images `[B, H, W, 3]`, labels `[B]`)}: one batch of each of
+    this host's selected clients for the algorithm's measurements (none when
+    it measures nothing)."""
+    if self.stages.measure is None:
+      return {}
+    size = self.algorithm.measurement_batch_size
+    return {c: (b["image"], b["label"]) for c in own
+            for b in [self.inputs.measurement_one(c, round_index, size)]}
+
+  def server_fn(self, state: RunState, round_index: int) -> tuple[RunState, dict]:
+    """The server stages after the round's aggregation, in order (KD): the new
+    state and their `{name: float}` record entries."""
+    server, clients = state
+    ids_dev = jnp.asarray(self.selected(round_index), jnp.int32)
+    context = rounds_lib.ServerContext(round_index, clients, ids_dev, self.public,
+                                       self.topology)
     metrics = {}
-    for stage in stages:
-      out = stage(self.server, context)
-      self.server, extra = (out, {}) if isinstance(out, state_lib.ServerState) else out
+    for stage in self.stages.server_stages:
+      out = stage(server, context)
+      server, extra = (out, {}) if isinstance(out, state_lib.ServerState) else out
       metrics.update(extra)
-    return metrics
+    return RunState(server, clients), metrics
 
   def evaluate(self, client_models: bool, examples_dir: str | None = None
                ) -> dict[str, dict[str, dict[str, float]]]:
@@ -233,11 +263,11 @@ class Experiment:
     out = {}
     path = lambda t: os.path.join(examples_dir, f"{t.name}.npz") if examples_dir else None
     own = [(i, t) for i, t in enumerate(self.tests) if t is not None]  # this host's clients
-    if self.spec.shares:  # one model (this host's copy): features deduplicated
+    if self.algorithm.shares:  # one model (this host's copy): features deduplicated
       variables, cache = hosts.local_copy(rounds_lib.global_variables(self.server)), {}
       out["global"] = {t.name: self.evaluate_model(variables, t, path(t), cache) for _, t in own}
-    if (client_models and not self.spec.centralised) or not self.spec.shares:
-      client_path = path if not self.spec.shares else lambda t: None
+    if (client_models and not self.algorithm.centralised) or not self.algorithm.shares:
+      client_path = path if not self.algorithm.shares else lambda t: None
       out["client"] = {t.name: self.evaluate_model(rounds_lib.client_variables(
           device_queues.local_row(self.clients, i)), t, client_path(t)) for i, t in own}
     return {kind: hosts.gather_per_client(per_client, self.test_names)
@@ -254,9 +284,14 @@ class Experiment:
                                        cfg.eval.batch_size, examples_path)
 
 
-def steps_per_round(exp: Experiment, round_index: int) -> int:
-  """This host's local steps in the round (its progress bar's total)."""
-  return sum(exp.inputs.num_steps(int(c)) for c in exp.selected(round_index) if int(c) in exp.own)
+def algorithm_card(algorithm) -> str:
+  """`algorithm.json`: what the report needs of a run's algorithm without
+  importing it: name, label, whether it has a global model, registry order."""
+  names = federated.registered()
+  return json.dumps({"name": algorithm.name, "label": algorithm.label,
+                     "shares": algorithm.shares,
+                     "order": names.index(algorithm.name) if algorithm.name in names
+                     else len(names)}, indent=2)
 
 
 def run(config, workdir: str, clients_data=None, public=None) -> dict:
@@ -302,6 +337,7 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
   if main:
     run_config.record_changes(workdir, saved, now, start)
     write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=2))
+    write_atomic(os.path.join(workdir, "algorithm.json"), algorithm_card(exp.algorithm))
   writer = MetricWriter(workdir, resume_round=start) if main else NullWriter()
   bar = tqdm.tqdm(total=config.fed.rounds, initial=start, desc=f"{config.fed.algorithm} rounds",
                   unit="round", disable=not main)
@@ -311,7 +347,8 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
     with stop, disk_full_guard(workdir, ckpts), ckpts:
       exp.read_ahead(range(start, config.fed.rounds))  # streamed serial: one loader for all
       try:
-        _train_rounds(exp, config, workdir, start, ckpts, writer, bar, stop, results)
+        round_loop.train_rounds(round_loop.Loop(exp, config, workdir, ckpts, writer, bar, stop,
+                                                results), start)
       finally:
         exp.inputs.close()
       if not results:  # resumed a finished run: evaluate the restored state
@@ -319,7 +356,7 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
       ckpts.finish()  # results.json says the run is done: its last checkpoint is written
       if main:
         write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
-      if exp.spec.shares and main:  # the global feature extractor, without training state
+      if exp.algorithm.shares and main:  # the global feature extractor, without training state
         export_lib.save(os.path.join(workdir, "export"), config.model, config.data.image_size,
                         rounds_lib.global_variables(hosts.local_copy(exp.server)),
                         {"algorithm": config.fed.algorithm, "rounds": config.fed.rounds,
@@ -328,55 +365,3 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
     bar.close()
     writer.close()
   return results
-
-
-def _train_rounds(exp, config, workdir, start, ckpts, writer, bar, stop, results) -> None:
-  """Rounds `start..config.fed.rounds-1`: train, log, evaluate, checkpoint
-  (written while the next round trains; the last may still be in flight on
-  return); `results` receives the latest evaluation. A stop signal ends the
-  loop after the round in flight, with a finished checkpoint of it
-  (`errors.Interrupted`)."""
-  rounds = config.fed.rounds
-  for r in range(start, rounds):
-    t0 = time.time()
-    with tqdm.tqdm(total=steps_per_round(exp, r), desc=f"round {r + 1} local steps",
-                   unit="step", leave=False, disable=not hosts.is_main()) as steps_bar:
-      record = exp.train_round(r, steps_bar.update)
-    record["train/round_seconds"] = time.time() - t0
-    writer.write(r + 1, "train", record)
-    exp.check_finite(r, record)
-    bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.2f}")
-    bar.update(1)
-    if (r + 1) % config.log_every == 0:
-      logging.info("round %d/%d loss %.4f acc %.3f waste %.2f (%.1fs)", r + 1, rounds,
-                   record["train/loss"], record["train/accuracy"],
-                   record["train/padding_waste"], record["train/round_seconds"])
-    if "kd/loss" in record:
-      logging.info("round %d: knowledge distillation, %d public batches, mean MSE %.5f "
-                   "(last batch %.5f)", r + 1, record["kd/steps"], record["kd/loss"],
-                   record["kd/loss_last"])
-    last = r + 1 == rounds
-    before = exp.before_server_stages
-    if (r + 1) % config.eval.every_rounds == 0 or last or before is not None:
-      results.clear()
-      results.update(exp.evaluate(config.eval.client_models,
-                                  os.path.join(workdir, "retrieval") if last else None))
-      record = flatten_eval(results)
-      if before is not None:
-        record.update(flatten_eval({"global": before["global"]}, "eval_before_kd"))
-        results_before = {"global before KD": before["global"]}
-      for kind, per_client in ({**results, **results_before} if before else results).items():
-        mean_r1 = np.mean([v["rank1"] for v in per_client.values()])
-        logging.info("round %d eval (%s models): mean rank-1 %.1f%%", r + 1, kind, 100 * mean_r1)
-      writer.write(r + 1, "eval", record)
-      if hosts.is_main():
-        export_if_best(hosts.local_copy(exp.server), config, workdir, r + 1, results)
-    if hosts.any_host(bool(stop.requested)) and not stop.requested:  # a signal elsewhere
-      stop.requested = "a stop signal on another host"
-    if (r + 1) % config.checkpoint_every == 0 or last or stop.requested:
-      ckpts.save(r + 1, (exp.server, exp.clients))
-    if stop.requested and not last:
-      ckpts.finish()  # the message says it is saved
-      raise Interrupted(f"stopped by {stop.requested} after round {r + 1} of {rounds}; saved "
-                        f"a checkpoint of round {r + 1} in {workdir!r}; rerun the same "
-                        "command to resume")

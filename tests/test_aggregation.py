@@ -5,6 +5,7 @@ import numpy as np
 
 from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated import rounds
+from fedreid_jax.federated.algorithm import Algorithm, data_size_weights, uniform_weights
 from fedreid_jax.federated.state import ClientStates, ServerState
 
 
@@ -23,12 +24,12 @@ def two_clients():
 
 
 def spec(**kw):
-  return rounds.AlgorithmSpec(("backbone", "embedding"), **kw)
+  return Algorithm("test", "Test", ("backbone", "embedding"), **kw)
 
 
 def test_fedpav_weighted_mean_by_hand():
   server, clients = two_clients()
-  weights = rounds.data_size_weights(clients, {})
+  weights = data_size_weights(clients, {})
   out = rounds.aggregate(server, clients, weights, jnp.array(1), spec())
   # weights 100/400 and 300/400: 0.25*[1,2] + 0.75*[3,6] = [2.5, 5.0]
   np.testing.assert_allclose(out.params["backbone"]["w"], [2.5, 5.0])
@@ -40,14 +41,14 @@ def test_fedpav_weighted_mean_by_hand():
 
 def test_non_sharing_algorithm_only_advances_the_round():
   server, clients = two_clients()
-  out = rounds.aggregate(server, clients, jnp.ones(2), jnp.array(0), rounds.AlgorithmSpec(()))
+  out = rounds.aggregate(server, clients, jnp.ones(2), jnp.array(0), Algorithm("none", "None", ()))
   assert int(out.round) == 1
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), out.params, server.params))
 
 
 def test_uniform_weights_and_reference_bn_quirk():
   server, clients = two_clients()
-  weights = rounds.uniform_weights(clients, {})
+  weights = uniform_weights(clients, {})
   out = rounds.aggregate(server, clients, weights, jnp.array(0), spec(bn_aggregation="first_client"))
   np.testing.assert_allclose(out.params["backbone"]["w"], [2.0, 4.0])
   np.testing.assert_allclose(out.batch_stats["backbone"]["mean"], [1.0])  # client 0's, unaveraged

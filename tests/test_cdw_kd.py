@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fakes
-from fedreid_jax import train
+from fedreid_jax import config_lib, train
 from fedreid_jax.errors import ConfigError, DatasetNotPrepared
 from fedreid_jax.federated import cdw, kd, rounds, sampling
 from fedreid_jax.federated import params as params_lib
@@ -185,12 +185,17 @@ def test_reference_kd_keeps_the_partial_public_batch():
 
 
 def test_algorithms_are_configurations_of_the_same_parts():
-  spec = lambda name: rounds.algorithm_spec(fakes.tiny_config(**{"fed.algorithm": name}).fed)
-  assert (spec("fedpav_kd_cdw").kd, spec("fedpav_kd_cdw").cdw) == (True, True)
-  assert (spec("fedpav_kd").kd, spec("fedpav_kd").cdw) == (True, False)
-  assert spec("fedpav_cdw").shared_prefixes == spec("fedpav").shared_prefixes
+  spec = lambda name: config_lib.describe_algorithm(name, fakes.tiny_config())
+  kd_stage = lambda a: any(isinstance(s, kd.Distillation) for s in a.server_stages)
+  assert (kd_stage(spec("fedpav_kd_cdw")), cdw.DISTANCE in spec("fedpav_kd_cdw").measurements) \
+      == (True, True)
+  assert (kd_stage(spec("fedpav_kd")), bool(spec("fedpav_kd").measurements)) == (True, False)
+  assert spec("fedpav_kd").needs_public and not spec("fedpav_cdw").needs_public
+  assert spec("fedpav_cdw").shared == spec("fedpav").shared
+  assert spec("fedpav_cdw").weighting is cdw.cdw_weights
   assert spec("centralised").centralised and spec("centralised").shares
-  assert not spec("local").shares and "classifier" in spec("fedavg").shared_prefixes
+  assert not spec("local").shares and "classifier" in spec("fedavg").shared
+  assert spec("fedpav_kd_cdw").label == "FedPav+KD+CDW" and spec("local").label == "Local training"
 
 
 def test_centralised_trains_one_merged_client_evaluated_on_every_test_set():
@@ -242,7 +247,7 @@ def test_real_benchmark_without_public_set_runs_fedpav_and_stops_kd(monkeypatch)
   """An unprepared CUHK02 only matters to KD: the registry returns no public
   set (with a warning) and a KD algorithm stops with the prepare command."""
   from fedreid_jax.data import registry, source
-  from fedreid_jax.federated import algorithms
+  from fedreid_jax.federated import checks
 
   def missing(root):
     raise DatasetNotPrepared(f"dataset 'cuhk02' is not prepared under {root}")
@@ -251,7 +256,9 @@ def test_real_benchmark_without_public_set_runs_fedpav_and_stops_kd(monkeypatch)
   cfg = fakes.tiny_config(**{"data.name": "fedreid", "data.root": "/nowhere"})
   clients, public = registry.load(cfg.data, 0)
   assert public is None and len(clients) == 3
-  algorithms.check_input(cfg, rounds.algorithm_spec(cfg.fed), clients, public)  # fedpav: fine
+  checks.check_input(cfg, config_lib.describe_algorithm(cfg.fed.algorithm, cfg), clients,
+                     public)  # fedpav: fine
   cfg.fed.algorithm = "fedpav_kd"
   with pytest.raises(DatasetNotPrepared, match="--dataset cuhk02 .*--data_dir /nowhere"):
-    algorithms.check_input(cfg, rounds.algorithm_spec(cfg.fed), clients, public)
+    checks.check_input(cfg, config_lib.describe_algorithm(cfg.fed.algorithm, cfg), clients,
+                       public)

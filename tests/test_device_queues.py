@@ -168,7 +168,7 @@ def buffers(tree):
           for s in jax.tree.leaves(tree)[0].addressable_shards}
 held = buffers(sel)
 streams = [exp.inputs.stream(c, 2) for c in range(3)] + [None]
-out, _ = exp.execute(sel, streams, [exp.inputs.num_steps(c) for c in range(3)] + [0])
+out, _ = exp.execute((), sel, streams, [exp.inputs.num_steps(c) for c in range(3)] + [0])
 assert buffers(out)[3] == held[3], (held, buffers(out))
 print("ok")
 """
@@ -236,8 +236,7 @@ for mode, per_round in (("default", 0), ("default", 3), ("reference", 0), ("refe
 import jax.numpy as jnp
 mask = np.zeros(4, bool)
 before = devices.stages.broadcast(devices.server, devices.clients, mask)
-values, after = devices.execute.measure(devices.stages.measure_one, devices.measurement_names,
-                                        before, devices.clients, {})
+values, after = devices.placement.measure(before, devices.clients, {})
 assert list(values) == ["cdw_distance"] and not values["cdw_distance"].any()
 assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(after.params),
                                                       jax.tree.leaves(devices.clients.params)))

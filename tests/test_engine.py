@@ -1,4 +1,6 @@
 """The round: broadcast, masked steps, strategies, compile-once, sharing rules."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,6 +109,34 @@ def test_padding_waste_and_steps(serial_round, lockstep_rounds):
   np.testing.assert_allclose(weights, np.array([40, 18, 16]) / 74, rtol=1e-6)
 
 
+def weighted_mean_of_shared(exp, ids):
+  """numpy: the data-size-weighted mean of clients `ids`' shared subtrees
+  (params and BatchNorm statistics), in float64."""
+  clients = jax.device_get(exp.clients)
+  w = np.asarray(clients.num_examples, np.float64)[ids]
+  w = w / w.sum()
+  mean = lambda tree: jax.tree.map(lambda x: np.tensordot(w, np.asarray(x, np.float64)[ids], 1),
+                                   {k: tree[k] for k in ("backbone", "embedding")})
+  return mean(clients.params), mean(clients.batch_stats)
+
+
+def assert_server_is_weighted_mean(exp, ids, rtol=1e-5):
+  params, stats = weighted_mean_of_shared(exp, ids)
+  for want, got in ((params, exp.server.params), (stats, exp.server.batch_stats)):
+    for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_allclose(np.asarray(y, np.float64), x, rtol=rtol, atol=1e-6)
+
+
+def test_server_is_the_weighted_mean_of_the_trained_clients(serial_round, lockstep_rounds):
+  """The round-level invariant (fedpav): after a whole round, the server's shared
+  parameters and statistics equal the data-size-weighted mean of the trained
+  clients' shared subtrees, for `serial`, `vmap` and `sequential` (`sharded`
+  and `devices`: tests/test_algorithm_registry.py)."""
+  exps = [serial_round[0]] + [e for e, _ in lockstep_rounds.values()]
+  for exp in exps:
+    assert_server_is_weighted_mean(exp, [0, 1, 2])
+
+
 def test_every_strategy_compiles_once_across_rounds(serial_round, lockstep_rounds):
   exps = [serial_round[0]] + [e for e, _ in lockstep_rounds.values()]
   for exp in exps:
@@ -186,8 +216,9 @@ def test_measurement_and_server_stage_hooks():
   assert seen[0][:2] == (0, (0, 1, 2)) and seen[0][2].num_steps(0) == 5
   assert_close(jax.tree.map(lambda x: 2 * x, plain.server.params), hooked.server.params,
                rel=1e-5)
-  stages = rounds.make_round_stages(plain.spec, plain.tx, {"const": const},
-                                    weighting=lambda trained, m: m["const"] * 0 + jnp.arange(3.0))
+  weighted = dataclasses.replace(plain.algorithm, measurements={"const": const},
+                                 weighting=lambda trained, m: m["const"] * 0 + jnp.arange(3.0))
+  stages = rounds.make_round_stages(weighted, plain.tx)
   assert np.allclose(stages.weights(plain.clients, {"const": jnp.ones(3)}), [0, 1, 2])
 
 

@@ -1,4 +1,10 @@
-"""Federated engine: stacked client state, rounds as stages, CDW and KD."""
+"""Federated engine: stacked client state, rounds as stages, algorithms as
+registered values (`Algorithm`, `register_algorithm`, `build_algorithm`)."""
+from fedreid_jax.federated.algorithm import (Algorithm, with_cdw, with_kd,
+                                             with_server_optimizer)
 from fedreid_jax.federated.cdw import cosine_distance_weights
+from fedreid_jax.federated.registry import (build_algorithm, register_algorithm,
+                                            registered)
 
-__all__ = ["cosine_distance_weights"]
+__all__ = ["Algorithm", "build_algorithm", "cosine_distance_weights", "register_algorithm",
+           "registered", "with_cdw", "with_kd", "with_server_optimizer"]

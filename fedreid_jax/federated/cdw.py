@@ -1,7 +1,7 @@
 """Cosine-distance weights (CDW): clients whose model changed more get more say.
 
-Two forms of a client's distance d_k (SPEC.md section 5), both client
-measurements of the round (`rounds.Measurement`), weights w_k = d_k / sum_j d_j:
+Two forms of a client's distance d_k (the paper's CDW), both client
+measurements of the round (`algorithm.Measurement`), weights w_k = d_k / sum_j d_j:
 
 - `logit` (the reference's): on one batch of the client's own training data,
   the logits of the model it received (with its pre-round classifier) against
@@ -80,7 +80,7 @@ def _variables(state: ClientStates):
 
 
 def make_measurement(model, cdw_cfg, train_cfg, shared_prefixes):
-  """The configured CDW form as a `rounds.Measurement`:
+  """The configured CDW form as a `algorithm.Measurement`:
   (before, after, images uint8 `[B, H, W, 3]`, labels `[B]`) -> d or (d, after)."""
   if cdw_cfg.form == "delta":
     shared = params_lib.prefix_predicate(shared_prefixes)
@@ -112,7 +112,7 @@ def make_measurement(model, cdw_cfg, train_cfg, shared_prefixes):
 
 
 def cdw_weights(trained: ClientStates, measured) -> jax.Array:
-  """`rounds.Weighting`: the round's CDW distances, normalised."""
+  """`algorithm.Weighting`: the round's CDW distances, normalised."""
   del trained
   return normalized_weights(measured[DISTANCE])
 

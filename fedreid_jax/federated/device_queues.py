@@ -3,13 +3,13 @@
     queues = longest_first([1019, 516, 404, 230, 117, 60, 19, 14, 7], 4)
     # [[0], [1], [2], [3, 4, 5, 6, 7, 8]]: makespan 1019 = the longest client
     execute = DeviceQueues(local_step, chunk_steps=1, devices=jax.devices())
-    trained, metrics = execute(selected, streams, num_steps)
+    trained, metrics = execute(shared, selected, streams, num_steps)
 
 Within a round clients are independent, so a device can run several of them
-one after another (DESIGN.md "lane packing"). The selected clients are
+one after another (lane packing). The selected clients are
 assigned to devices longest first (LPT: each client, longest first, goes to
 the least-loaded device); each device runs its queue with `Serial`'s
-compiled step (no padded steps, the fastest single-device path on CPU and
+compiled step (`execution.ClientSteps`; no padded steps, the fastest single-device path on CPU and
 GPU). The host dispatches one step per device in turn; JAX dispatch is
 asynchronous, so every device stays busy without threads. Each client's
 computation is the same compiled function on the same inputs as under
@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fedreid_jax import hosts
 from fedreid_jax.errors import ConfigError
 from fedreid_jax.federated import execution
 from fedreid_jax.federated import params as params_lib
+from fedreid_jax.federated.topology import ONE_PROCESS
 from fedreid_jax.federated.tracing import jit_counted
 
 AXIS = "clients"
@@ -210,14 +210,22 @@ def host_queues(num_steps: Sequence[int], lanes: dict[int, list[int]],
           for h, held in lanes.items()}
 
 
+def on_device(tree, device):
+  """`tree` on `device`; a leaf spread over several hosts (replicated) is
+  taken from this host's copy first."""
+  local = lambda x: x if getattr(x, "is_fully_addressable", True) else x.addressable_data(0)
+  return jax.tree.map(lambda x: jax.device_put(local(x), device), tree)
+
+
 class DeviceQueues:
   """`devices`: longest-first queues of whole clients, one per device."""
 
-  def __init__(self, local_step, chunk_steps: int, devices: Sequence):
+  def __init__(self, local_step, chunk_steps: int, devices: Sequence, topology=ONE_PROCESS):
     self.devices = list(devices)
-    self.serial = execution.Serial(local_step, chunk_steps)  # its compiled step and chunk
+    self.topology = topology  # sums the clients' metrics over hosts
+    self.steps = execution.ClientSteps(local_step, chunk_steps)  # `serial`'s compiled pieces
     self._take = jit_counted("devices/take", params_lib.take_client)
-    self._put = self.serial._put  # one row of a block replaced in place (donated)
+    self._put = self.steps.put  # one row of a block replaced in place (donated)
     self.last_report: dict = {}
 
   def report(self) -> dict[str, float]:
@@ -226,7 +234,7 @@ class DeviceQueues:
     return {"train/devices": float(r["devices"]), "train/makespan_ratio": r["makespan_ratio"],
             "train/device_idle": r["idle"]} if r else {}
 
-  def __call__(self, selected, streams, num_steps, on_steps=None):
+  def __call__(self, shared, selected, streams, num_steps, on_steps=None):
     layout = None
     blocks = row_blocks(selected)
     if blocks is None:  # an unexpected layout: through the first device, and back
@@ -242,7 +250,7 @@ class DeviceQueues:
     self.last_report = schedule_report(num_steps, [q for h in sorted(every_host)
                                                    for q in every_host[h]])
     done: dict[int, tuple] = {}
-    runs = [self._run_queue(dev, q, blocks, streams, num_steps, done)
+    runs = [self._run_queue(dev, q, blocks, on_device(shared, dev), streams, num_steps, done)
             for dev, q in zip(self.devices, every_host[jax.process_index()]) if q]
     while runs:  # one dispatch per device in turn: the devices overlap
       for run in list(runs):
@@ -251,59 +259,26 @@ class DeviceQueues:
           runs.remove(run)
         elif on_steps is not None:
           on_steps(length)
-    trained = self._assemble(blocks, {lane: state for lane, (state, _) in done.items()},
-                             selected)
+    trained = assemble_rows(blocks, {lane: state for lane, (state, _) in done.items()},
+                            selected, self._put)
     if layout is not None:
       trained = jax.device_put(trained, layout)
     sums = np.zeros((3, len(num_steps)))  # this host's clients; the others' are zeros
     for lane, (_, lane_sums) in done.items():
       sums[:, lane] = [float(v) for v in jax.device_get(
           [lane_sums["loss"], lane_sums["accuracy"], lane_sums["steps"]])]
-    sums = hosts.sum_over_hosts(sums)
+    sums = self.topology.sum_over_hosts(sums)
     stacked = {k: jnp.asarray(v, jnp.float32) for k, v in zip(("loss", "accuracy", "steps"), sums)}
-    return trained, execution._means(stacked, num_steps)
+    return trained, execution.means_over_steps(stacked, num_steps)
 
-  def measure(self, measure_one, names, before, after, batches: dict[int, tuple]):
-    """Each client measured on the device holding its row (no client state
-    moves; a host measures the clients it holds): `measure_one(before_i,
-    after_i, images_i, labels_i) -> ({name: scalar}, after_i)` for each of
-    `names`; `batches`: {client: (images `[B, H, W, 3]`, labels `[B]`)} of
-    this host's selected clients (possibly none this round). Returns ({name:
-    `[S]` numpy, every host's}, after in its layout)."""
-    blocks_before, blocks_after = row_blocks(before), row_blocks(after)
-    if blocks_before is None or blocks_after is None:
-      raise ValueError("measure expects the client state split along its client axis")
-    values, measured = {}, {}
-    for (device, start, stop, block_after), (_, _, _, block_before) in zip(
-        blocks_after, blocks_before):
-      for lane in range(start, stop):
-        if lane in measured or lane not in batches:  # done, or not selected: row kept
-          continue
-        images, labels = (jax.device_put(x, device) for x in batches[lane])
-        values[lane], measured[lane] = measure_one(
-            self._take(block_before, lane - start), self._take(block_after, lane - start),
-            images, labels)
-    num = jax.tree.leaves(after)[0].shape[0]
-    names = sorted(names)
-    table = np.zeros((len(names), num))
-    for lane, v in values.items():
-      table[:, lane] = [float(v[k]) for k in names]
-    table = hosts.sum_over_hosts(table)
-    return dict(zip(names, table)), self._assemble(blocks_after, measured, after)
-
-  def _run_queue(self, device, queue, blocks, streams, num_steps, done):
+  def _run_queue(self, device, queue, blocks, shared, streams, num_steps, done):
     """Trains `queue`'s clients on `device`, one after another; yields the
     steps of each dispatched piece; `done[lane] = (state, metric sums)`."""
     for lane in queue:
       if not num_steps[lane]:  # not selected this round: its row stays as it is
         continue
       state = jax.device_put(self._take_lane(blocks, lane, device), device)
-      sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0.0}
-      for length in execution.piece_lengths(num_steps[lane], self.serial.chunk_steps):
-        images, labels = execution._stack([next(streams[lane]) for _ in range(length)])
-        fn = self.serial._step if length == 1 else self.serial._chunk
-        state, metrics = fn(state, images, labels)  # runs where `state` is: `device`
-        sums = jax.tree.map(jnp.add, sums, metrics)
+      for state, sums, length in self.steps.pieces(state, shared, streams[lane], num_steps[lane]):
         yield length
       done[lane] = (state, sums)
 
@@ -313,21 +288,22 @@ class DeviceQueues:
     dev, start, _, block = next((b for b in holding if b[0] == device), holding[0])
     return self._take(block, lane - start)
 
-  def _assemble(self, blocks, changed: dict, like):
-    """`like` with the rows in `changed` ({lane: state}) replaced, each in place
-    in every device block holding it (the blocks are donated; rows not in
-    `changed` are neither copied nor moved)."""
-    per_device = {}
-    for dev, start, stop, block in blocks:
-      for lane in range(start, stop):
-        if lane in changed:
-          block = self._put(block, lane - start, jax.device_put(changed[lane], dev))
-      per_device[dev] = block
-    if len(jax.tree.leaves(like)[0].sharding.device_set) == 1:
-      return next(iter(per_device.values()))
-    leaves, treedef = jax.tree.flatten(like)
-    parts = [jax.tree.leaves(per_device[dev]) for dev, *_ in blocks]
-    return jax.tree.unflatten(treedef, [
-        jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding,
-                                                 [p[i] for p in parts])
-        for i, leaf in enumerate(leaves)])
+
+def assemble_rows(blocks, changed: dict, like, put):
+  """`like` with the rows in `changed` ({lane: state}) replaced, each in place
+  in every device block holding it by `put(block, row, state)` (the blocks
+  are donated; rows not in `changed` are neither copied nor moved)."""
+  per_device = {}
+  for dev, start, stop, block in blocks:
+    for lane in range(start, stop):
+      if lane in changed:
+        block = put(block, lane - start, jax.device_put(changed[lane], dev))
+    per_device[dev] = block
+  if len(jax.tree.leaves(like)[0].sharding.device_set) == 1:
+    return next(iter(per_device.values()))
+  leaves, treedef = jax.tree.flatten(like)
+  parts = [jax.tree.leaves(per_device[dev]) for dev, *_ in blocks]
+  return jax.tree.unflatten(treedef, [
+      jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding,
+                                               [p[i] for p in parts])
+      for i, leaf in enumerate(leaves)])

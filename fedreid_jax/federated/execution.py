@@ -2,8 +2,11 @@
 
 One interface, several backends (fedjax's `for_each_client` idea):
 
-    execute = make_execution("serial", local_step, chunk_steps=1)
-    trained, metrics = execute(selected, streams, num_steps, on_steps=bar.update)
+    execute = strategies.make_execution("serial", local_step, chunk_steps=1)
+    trained, metrics = execute(shared, selected, streams, num_steps, on_steps=bar.update)
+
+- `shared`: the round's input common to every client, passed to each local
+  step (the global shared parameters for a client regularizer; `()`: none).
 
 - `selected`: `ClientStates` of the S selected clients, leaves `[S, ...]`
   (donated: do not reuse it after the call).
@@ -41,24 +44,24 @@ from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated.state import ClientStates
 from fedreid_jax.federated.tracing import jit_counted
 
-STRATEGIES = ("serial", "vmap", "sequential", "sharded", "devices")
 Metrics = dict  # name -> jax.Array
 
 
 class ClientExecution(Protocol):
-  def __call__(self, selected: ClientStates, streams: Sequence[Iterator[dict]],
+  def __call__(self, shared, selected: ClientStates, streams: Sequence[Iterator[dict]],
                num_steps: Sequence[int], on_steps: Callable[[int], None] | None = None
                ) -> tuple[ClientStates, Metrics]: ...
 
 
-def _means(sums: Metrics, slots) -> Metrics:
+def means_over_steps(sums: Metrics, slots) -> Metrics:
   """Per-client sums -> means over real steps (+ `steps`, `slots`)."""
   steps = sums["steps"]
   out = {k: v / jnp.maximum(steps, 1.0) for k, v in sums.items() if k != "steps"}
   return dict(out, steps=steps, slots=jnp.asarray(slots, jnp.float32))
 
 
-def _stack(batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+def stack_batches(batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+  """Batches `{"image", "label"}` -> images `[K, B, H, W, 3]`, labels `[K, B]`."""
   return (np.stack([b["image"] for b in batches]), np.stack([b["label"] for b in batches]))
 
 
@@ -68,40 +71,59 @@ def piece_lengths(num_steps: int, chunk_steps: int) -> list[int]:
   return [chunk_steps] * full + [1] * (num_steps - full * chunk_steps)
 
 
+ZERO_SUMS = {"loss": 0.0, "accuracy": 0.0, "steps": 0.0}
+
+
+class ClientSteps:
+  """One client's compiled training, shared by `serial` and `devices`: its
+  steps as scanned chunks of K then single steps (two compiled shapes, each
+  donating the state), and a client's row taken from / put back into a
+  stacked state."""
+
+  def __init__(self, local_step: Callable, chunk_steps: int):
+    self.chunk_steps = chunk_steps
+    chunk = local_lib.make_client_chunk(local_step)
+    one = lambda state, shared, images, labels: local_step(state, images[0], labels[0],
+                                                           jnp.array(True), shared)
+    full = lambda state, shared, images, labels: chunk(state, images, labels,
+                                                       jnp.ones(images.shape[0], bool), shared)
+    self.step = jit_counted("serial/step", one, donate_argnums=0)
+    self.chunk = jit_counted("serial/chunk", full, donate_argnums=0)
+    self.take = jit_counted("serial/take", params_lib.take_client)
+    self.put = jit_counted("serial/put", lambda full_state, lane, one_state: jax.tree.map(
+        lambda f, o: f.at[lane].set(o), full_state, one_state), donate_argnums=0)
+
+  def pieces(self, state, shared, stream: Iterator[dict], num_steps: int):
+    """Trains one client (`state` without the client axis, donated) for
+    `num_steps` steps of `stream`; yields `(state, metric sums, steps)` after
+    each dispatched piece (the last yield holds the trained client)."""
+    sums = ZERO_SUMS
+    for length in piece_lengths(num_steps, self.chunk_steps):
+      images, labels = stack_batches([next(stream) for _ in range(length)])
+      fn = self.step if length == 1 else self.chunk
+      state, metrics = fn(state, shared, images, labels)  # runs where `state` is
+      sums = jax.tree.map(jnp.add, sums, metrics)
+      yield state, sums, length
+
+
 class Serial:
   """One client at a time; no padded steps."""
   reads_clients_in_order = True  # each stream to its end before the next: one loader may feed all
 
   def __init__(self, local_step: Callable, chunk_steps: int):
-    self.chunk_steps = chunk_steps
-    chunk = local_lib.make_client_chunk(local_step)
-    one = lambda state, images, labels: local_step(state, images[0], labels[0],
-                                                   jnp.array(True))
-    full = lambda state, images, labels: chunk(state, images, labels,
-                                               jnp.ones(images.shape[0], bool))
-    self._step = jit_counted("serial/step", one, donate_argnums=0)
-    self._chunk = jit_counted("serial/chunk", full, donate_argnums=0)
-    self._take = jit_counted("serial/take", params_lib.take_client)
-    self._put = jit_counted("serial/put", lambda full_state, lane, one_state: jax.tree.map(
-        lambda f, o: f.at[lane].set(o), full_state, one_state), donate_argnums=0)
+    self.steps = ClientSteps(local_step, chunk_steps)
 
-  def __call__(self, selected, streams, num_steps, on_steps=None):
+  def __call__(self, shared, selected, streams, num_steps, on_steps=None):
     lanes = []
     for lane, (stream, n) in enumerate(zip(streams, num_steps)):
-      state = self._take(selected, lane)
-      sums = None
-      for length in piece_lengths(n, self.chunk_steps):
-        images, labels = _stack([next(stream) for _ in range(length)])
-        fn = self._step if length == 1 else self._chunk
-        state, metrics = fn(state, images, labels)
-        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+      state, sums = self.steps.take(selected, lane), ZERO_SUMS
+      for state, sums, length in self.steps.pieces(state, shared, stream, n):
         if on_steps is not None:
           on_steps(length)
-      selected = self._put(selected, lane, state)
-      lanes.append(sums if sums is not None else
-                   {"loss": jnp.zeros(()), "accuracy": jnp.zeros(()), "steps": jnp.zeros(())})
+      selected = self.steps.put(selected, lane, state)
+      lanes.append(jax.tree.map(jnp.asarray, sums))
     sums = jax.tree.map(lambda *x: jnp.stack(x), *lanes)
-    return selected, _means(sums, num_steps)
+    return selected, means_over_steps(sums, num_steps)
 
 
 def lockstep_chunk(streams, num_steps: Sequence[int], chunk: int, chunk_steps: int):
@@ -132,7 +154,7 @@ class Lockstep:
     self.sharding = sharding  # `sharded`: the client axis over the mesh
     self._chunk = jit_counted(f"{name}/chunk", run_clients, donate_argnums=0)
 
-  def __call__(self, selected, streams, num_steps, on_steps=None):
+  def __call__(self, shared, selected, streams, num_steps, on_steps=None):
     layout = None
     if self.sharding is not None:  # every chunk sees the same input layout: one trace
       layout = jax.tree.map(lambda x: x.sharding, selected)
@@ -141,38 +163,37 @@ class Lockstep:
     sums = None
     for c in range(chunks):
       images, labels, mask = lockstep_chunk(streams, num_steps, c, self.chunk_steps)
-      selected, metrics = self._chunk(selected, images, labels, mask)
+      selected, metrics = self._chunk(selected, shared, images, labels, mask)
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       if on_steps is not None:
         on_steps(int(mask.sum()))
     if layout is not None:  # hand back the caller's layout: the other stages trace once
       selected = jax.device_put(selected, layout)
-    return selected, _means(sums, [chunks * self.chunk_steps] * len(num_steps))
+    return selected, means_over_steps(sums, [chunks * self.chunk_steps] * len(num_steps))
 
 
-def make_execution(name: str, local_step: Callable, chunk_steps: int,
-                   mesh: jax.sharding.Mesh | None = None,
-                   devices: Sequence | None = None) -> ClientExecution:
-  """The named backend over `local_step` (see the module docstring); `devices`:
-  the devices of the `devices` strategy (default all)."""
-  if name == "serial":
-    return Serial(local_step, chunk_steps)
-  if name == "devices":
-    from fedreid_jax.federated import device_queues  # it builds on Serial
-    return device_queues.DeviceQueues(local_step, chunk_steps, devices or jax.devices())
+def lockstep(name: str, local_step: Callable, chunk_steps: int,
+             mesh: jax.sharding.Mesh | None = None) -> Lockstep:
+  """The lockstep strategies over `local_step`: `vmap` (clients vmapped),
+  `sequential` (`lax.map` over clients in the jit), `sharded` (the client axis
+  split over `mesh`'s `clients` axis, sequential within each device); the
+  round's shared input reaches every client unsplit."""
   chunk = local_lib.make_client_chunk(local_step)
-  mapped = lambda *args: lax.map(lambda a: chunk(*a), args)
+
+  def mapped(selected, shared, images, labels, mask):
+    return lax.map(lambda a: chunk(*a, shared), (selected, images, labels, mask))
+  def vmapped(selected, shared, images, labels, mask):
+    return jax.vmap(chunk, in_axes=(0, 0, 0, 0, None))(selected, images, labels, mask, shared)
   if name == "vmap":
-    return Lockstep(name, jax.vmap(chunk), chunk_steps)
+    return Lockstep(name, vmapped, chunk_steps)
   if name == "sequential":
     return Lockstep(name, mapped, chunk_steps)
-  if name == "sharded":
-    if mesh is None:
-      raise ValueError("the 'sharded' strategy needs a device mesh")
-    spec = jax.sharding.PartitionSpec("clients")
-    return Lockstep(name, jax.shard_map(mapped, mesh=mesh, in_specs=spec, out_specs=spec),
-                    chunk_steps, jax.sharding.NamedSharding(mesh, spec))
-  raise ValueError(f"unknown client strategy {name!r}; choose one of {list(STRATEGIES)}")
+  if mesh is None:
+    raise ValueError("the 'sharded' strategy needs a device mesh")
+  spec, whole = jax.sharding.PartitionSpec("clients"), jax.sharding.PartitionSpec()
+  return Lockstep(name, jax.shard_map(mapped, mesh=mesh, in_specs=(spec, whole, spec, spec, spec),
+                                      out_specs=spec),
+                  chunk_steps, jax.sharding.NamedSharding(mesh, spec))
 
 
 def make_mesh(strategy: str, num_selected: int, num_devices: int = 0) -> jax.sharding.Mesh | None:

@@ -1,4 +1,4 @@
-"""Server-side knowledge distillation (KD), a server stage (SPEC.md section 6).
+"""Server-side knowledge distillation (KD), a server stage: the paper's KD.
 
 Every `kd.every_rounds` rounds, after aggregation, one pass over the public
 set: teacher = the mean over the clients' trained models of their 512-d
@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedreid_jax import hosts
 from fedreid_jax.federated import local as local_lib
 from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated.state import ServerState
@@ -137,7 +136,7 @@ class Distillation:
       params, stats, opt_state, loss = self._step(params, stats, opt_state, teachers,
                                                   batch["image"], jax.random.fold_in(key, i))
       losses.append(loss)
-    losses = np.asarray(hosts.to_host(losses), np.float64)  # replicated over every host
+    losses = np.asarray(ctx.topology.to_host(losses), np.float64)  # replicated over hosts
     metrics = {"kd/loss": float(losses.mean()) if len(losses) else float("nan"),
                "kd/loss_last": float(losses[-1]) if len(losses) else float("nan"),
                "kd/steps": float(len(losses))}

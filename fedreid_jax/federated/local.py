@@ -53,30 +53,35 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, num_classes) -> j
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def make_local_step(model, tx: optax.GradientTransformation, train_cfg):
-  """(client state, images `[B, H, W, 3]` uint8, labels `[B]`, mask) -> (state, metrics)."""
+def make_local_step(model, tx: optax.GradientTransformation, train_cfg, regularizer=None):
+  """(client state, images `[B, H, W, 3]` uint8, labels `[B]`, mask, shared)
+  -> (state, metrics). `regularizer(params, shared) -> scalar` (an algorithm's
+  `client_regularizer`; None: none) is added to the cross-entropy; `shared` is
+  the round's input common to every client (the global shared parameters)."""
 
-  def loss_fn(params, batch_stats, images, labels, num_classes, dropout_key):
+  def loss_fn(params, batch_stats, images, labels, num_classes, dropout_key, shared):
     (_, logits), updates = model.apply(
         {"params": params, "batch_stats": batch_stats}, images, train=True,
         mutable=["batch_stats"], rngs={"dropout": dropout_key})
     loss = masked_cross_entropy(logits, labels, num_classes)
+    if regularizer is not None:
+      loss = loss + regularizer(params, shared)
     return loss, (updates["batch_stats"], logits)
 
-  def do_step(state: ClientStates, images, labels):
+  def do_step(state: ClientStates, images, labels, shared):
     key = jax.random.fold_in(state.rng, state.step)
     aug_key, dropout_key = jax.random.split(key)
     x = train_inputs(aug_key, images, train_cfg)
     (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, x, labels, state.num_classes, dropout_key)
+        state.params, state.batch_stats, x, labels, state.num_classes, dropout_key, shared)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state._replace(params=optax.apply_updates(state.params, updates),
                            batch_stats=stats, opt_state=opt_state, step=state.step + 1)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return state, {"loss": loss, "accuracy": accuracy, "steps": jnp.ones((), jnp.float32)}
 
-  def step(state: ClientStates, images, labels, mask):
-    new, metrics = do_step(state, images, labels)
+  def step(state: ClientStates, images, labels, mask, shared=()):
+    new, metrics = do_step(state, images, labels, shared)
     keep = lambda n, o: jnp.where(mask, n, o)
     state = state._replace(params=jax.tree.map(keep, new.params, state.params),
                            batch_stats=jax.tree.map(keep, new.batch_stats, state.batch_stats),
@@ -88,12 +93,13 @@ def make_local_step(model, tx: optax.GradientTransformation, train_cfg):
 
 
 def make_client_chunk(local_step):
-  """One client, K steps: images `[K, B, H, W, 3]`, labels `[K, B]`, mask `[K]`.
+  """One client, K steps: images `[K, B, H, W, 3]`, labels `[K, B]`, mask `[K]`,
+  `shared` the round's common input (every step's).
 
   Returns the new state and metric sums `{"loss", "accuracy", "steps"}` (scalars)."""
-  def chunk(state, images, labels, mask):
+  def chunk(state, images, labels, mask, shared=()):
     def body(s, xs):
-      return local_step(s, *xs)
+      return local_step(s, *xs, shared)
     state, metrics = lax.scan(body, state, (images, labels, mask))
     return state, jax.tree.map(lambda m: m.sum(0), metrics)
   return chunk

@@ -8,79 +8,24 @@
     clients = stages.scatter(clients, trained, ids)            # back into [C, ...]
     server, metrics = stage(server, context) per server stage  # KD
 
-An algorithm is a configuration of these parts (`AlgorithmSpec`), never a
-copy: FedPav shares backbone + embedding with data-size weights; `_cdw`
-weights by the CDW distance measurement (cdw.py); `_kd` adds the KD server
-stage (kd.py); `fedavg` also shares the classifier; `local` shares nothing;
-`centralised` is FedPav over one client holding every training set.
+An algorithm (`algorithm.Algorithm`) supplies the parts: what is shared,
+the measurements and weighting, the server optimizer, the server stages.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedreid_jax.federated import params as params_lib
+from fedreid_jax.federated.algorithm import Algorithm, Measurement
+from fedreid_jax.federated.topology import ONE_PROCESS
 from fedreid_jax.federated.state import ClientStates, ServerState, client_round_keys
 from fedreid_jax.federated.tracing import jit_counted
 
-ALGORITHMS = ("fedpav", "fedpav_kd", "fedpav_cdw", "fedpav_kd_cdw", "local", "fedavg",
-              "centralised")
 FEATURE_EXTRACTOR = params_lib.FEATURE_EXTRACTOR
-BN_AGGREGATIONS = ("mean", "first_client")
-
-# A client measurement: (client state before training, after training, images
-# `[B, H, W, 3]` uint8, labels `[B]`) -> scalar, or (scalar, updated after-state)
-# when measuring changes the client (the reference CDW's in-place BatchNorm
-# update), for one client (vmapped over S).
-Measurement = Callable[[ClientStates, ClientStates, jax.Array, jax.Array], jax.Array]
-# Aggregation weights: (trained selected clients `[S, ...]`, measurements
-# {name: `[S]`}) -> unnormalised weights `[S]`.
-Weighting = Callable[[ClientStates, Mapping[str, jax.Array]], jax.Array]
-
-
-def data_size_weights(trained: ClientStates, measured) -> jax.Array:
-  del measured
-  return trained.num_examples
-
-
-def uniform_weights(trained: ClientStates, measured) -> jax.Array:
-  del measured
-  return jnp.ones_like(trained.num_examples)
-
-
-WEIGHTINGS: dict[str, Weighting] = {"data_size": data_size_weights, "uniform": uniform_weights}
-
-
-@dataclasses.dataclass(frozen=True)
-class AlgorithmSpec:
-  """What an algorithm is made of."""
-  shared_prefixes: tuple[str, ...]  # parameter subtrees sent to/from the server
-  weighting: str = "data_size"  # a key of WEIGHTINGS
-  bn_aggregation: str = "mean"  # "mean" or the reference's "first_client" quirk
-  reset_optimizer: bool = True  # optimizer state re-created each round
-  kd: bool = False  # server-side knowledge distillation (kd.py)
-  cdw: bool = False  # cosine-distance weights (cdw.py) instead of `weighting`
-  centralised: bool = False  # every training set merged into one client
-
-  @property
-  def shares(self) -> bool:
-    return bool(self.shared_prefixes)
-
-
-def algorithm_spec(fed_cfg) -> AlgorithmSpec:
-  """Named algorithm -> its parts: `fedpav[_kd][_cdw]`, `local`, `fedavg`
-  (FedPav that also shares the classifier), `centralised`."""
-  name = fed_cfg.algorithm
-  prefixes = {"local": (), "fedavg": FEATURE_EXTRACTOR + ("classifier",)}.get(
-      name, FEATURE_EXTRACTOR)
-  parts = name.split("_")
-  return AlgorithmSpec(prefixes, fed_cfg.weighting, fed_cfg.bn_aggregation,
-                       fed_cfg.reset_optimizer, kd="kd" in parts, cdw="cdw" in parts,
-                       centralised=name == "centralised")
 
 
 class ServerContext(NamedTuple):
@@ -89,6 +34,7 @@ class ServerContext(NamedTuple):
   clients: ClientStates  # every client, after this round's scatter `[C, ...]`
   selected: jax.Array  # `[S]` ids trained this round
   public: Any = None  # the server's public set (`input.TrainInput` of one split), or None
+  topology: Any = ONE_PROCESS  # `topology.Topology`: the run's hosts
 
 
 # A server stage: (server state, context) -> server state, or (server state,
@@ -99,7 +45,7 @@ class ServerContext(NamedTuple):
 ServerStage = Callable[[ServerState, ServerContext], ServerState]
 
 
-def broadcast(server: ServerState, clients: ClientStates, ids: jax.Array, spec: AlgorithmSpec,
+def broadcast(server: ServerState, clients: ClientStates, ids: jax.Array, alg: Algorithm,
               tx: optax.GradientTransformation, in_order: bool = False) -> ClientStates:
   """The selected clients `[S, ...]` ready to train: the global shared subtree
   over their own private parts, a fresh optimizer state, this round's keys
@@ -108,22 +54,22 @@ def broadcast(server: ServerState, clients: ClientStates, ids: jax.Array, spec: 
   split across devices, XLA's partitioner all-gathers an arbitrary gather)."""
   sel = clients if in_order else jax.tree.map(lambda x: x[ids], clients)
   params, stats = sel.params, sel.batch_stats
-  if spec.shares:
+  if alg.shares:
     bcast = lambda x: jnp.broadcast_to(x, (ids.shape[0], *x.shape))
     params = params_lib.merge_trees(params, jax.tree.map(bcast, server.params))
     stats = params_lib.merge_trees(stats, jax.tree.map(bcast, server.batch_stats))
-  opt_state = jax.vmap(tx.init)(params) if spec.reset_optimizer else sel.opt_state
+  opt_state = jax.vmap(tx.init)(params) if alg.reset_optimizer else sel.opt_state
   return sel._replace(params=params, batch_stats=stats, opt_state=opt_state,
                       rng=client_round_keys(server.rng, server.round, ids),
                       step=jnp.zeros_like(sel.step))
 
 
 def broadcast_rows(server: ServerState, clients: ClientStates, mask: jax.Array,
-                   spec: AlgorithmSpec, tx: optax.GradientTransformation) -> ClientStates:
+                   alg: Algorithm, tx: optax.GradientTransformation) -> ClientStates:
   """Every client's row `[C, ...]`, the selected ones (`mask` `[C]` bool) ready
   to train as `broadcast` makes them, the others as they were: the selection
   without a gather (a client axis split over devices stays where it is)."""
-  fresh = broadcast(server, clients, jnp.arange(mask.shape[0]), spec, tx, in_order=True)
+  fresh = broadcast(server, clients, jnp.arange(mask.shape[0]), alg, tx, in_order=True)
   keep = lambda new, old: params_lib.where_rows(mask, new, old)
   return fresh._replace(params=keep(fresh.params, clients.params),
                         batch_stats=keep(fresh.batch_stats, clients.batch_stats),
@@ -131,20 +77,27 @@ def broadcast_rows(server: ServerState, clients: ClientStates, mask: jax.Array,
 
 
 def aggregate(server: ServerState, trained: ClientStates, weights: jax.Array,
-              first_client: jax.Array, spec: AlgorithmSpec) -> ServerState:
-  """Weighted mean of the shared subtree over `trained` `[S, ...]`; the server
-  advances to the next round (a non-sharing algorithm only does that)."""
+              first_client: jax.Array, alg: Algorithm) -> ServerState:
+  """Weighted mean of the shared subtree over `trained` `[S, ...]`, or, with a
+  server optimizer, one step of it along the pseudo-gradient `server - mean`
+  (BatchNorm statistics always take the mean); the server advances to the
+  next round (a non-sharing algorithm only does that)."""
   server = server._replace(round=server.round + 1)
-  if not spec.shares:
+  if not alg.shares:
     return server
-  shared = params_lib.prefix_predicate(spec.shared_prefixes)
+  shared = params_lib.prefix_predicate(alg.shared)
   params = params_lib.weighted_mean(params_lib.split_tree(trained.params, shared)[0], weights)
   stats = params_lib.split_tree(trained.batch_stats, shared)[0]
-  if spec.bn_aggregation == "mean":
+  if alg.bn_aggregation == "mean":
     stats = params_lib.weighted_mean(stats, weights)
   else:  # reference quirk: statistics of the round's first (random) client
     stats = params_lib.take_client(stats, first_client)
-  return server._replace(params=params, batch_stats=stats)
+  opt_state = server.opt_state
+  if alg.server_optimizer is not None:
+    pseudo_gradient = jax.tree.map(jnp.subtract, server.params, params)
+    updates, opt_state = alg.server_optimizer.update(pseudo_gradient, opt_state, server.params)
+    params = optax.apply_updates(server.params, updates)
+  return server._replace(params=params, batch_stats=stats, opt_state=opt_state)
 
 
 def scatter(clients: ClientStates, trained: ClientStates, ids: jax.Array) -> ClientStates:
@@ -189,38 +142,36 @@ class RoundStages(NamedTuple):
   scatter: Callable  # (clients, trained, ids) -> clients
   server_stages: tuple[ServerStage, ...]
   measure_one: Callable | None = None  # (before, after, images [B, ...], labels [B]) of one client
+  measure_names: tuple[str, ...] = ()  # the measurements, sorted
 
 
-def make_round_stages(spec: AlgorithmSpec, tx: optax.GradientTransformation,
-                      measurements: Mapping[str, Measurement] | None = None,
-                      weighting: Weighting | None = None,
-                      server_stages: Sequence[ServerStage] = (),
+def make_round_stages(alg: Algorithm, tx: optax.GradientTransformation,
                       every_client_sharding: jax.sharding.Sharding | None = None
                       ) -> RoundStages:
-  """Jits each stage once for the run. `weighting` overrides `spec.weighting`.
-  `every_client_sharding`: the client axis is split over a mesh this way and
-  a round updates the selected rows in place: broadcast takes a `[C]` mask
-  (`broadcast_rows`), training and aggregation see every row (unselected
-  ones train no step and weigh 0), and scatter is the trained clients
-  themselves: no gather, no collective, no device holds them all."""
-  weighting = weighting or WEIGHTINGS[spec.weighting]
-  measurements = dict(measurements or {})
+  """Jits each stage of `alg` once for the run. `every_client_sharding`: the
+  client axis is split over a mesh this way and a round updates the selected
+  rows in place: broadcast takes a `[C]` mask (`broadcast_rows`), training
+  and aggregation see every row (unselected ones train no step and weigh 0),
+  and scatter is the trained clients themselves: no gather, no collective,
+  no device holds them all."""
+  measurements = dict(alg.measurements)
   rows = every_client_sharding is not None
   placed = {"out_shardings": every_client_sharding} if rows else {}
   return RoundStages(
-      broadcast=(jit_counted("broadcast", lambda s, c, mask: broadcast_rows(s, c, mask, spec, tx),
+      broadcast=(jit_counted("broadcast", lambda s, c, mask: broadcast_rows(s, c, mask, alg, tx),
                              **placed) if rows else
-                 jit_counted("broadcast", lambda s, c, ids: broadcast(s, c, ids, spec, tx))),
+                 jit_counted("broadcast", lambda s, c, ids: broadcast(s, c, ids, alg, tx))),
       measure=(jit_counted("measure", lambda b, a, x, y: measure(b, a, x, y, measurements))
                if measurements else None),
-      weights=jit_counted("weights", weighting),
-      aggregate=jit_counted("aggregate", lambda s, t, w, f: aggregate(s, t, w, f, spec)),
+      weights=jit_counted("weights", alg.weighting),
+      aggregate=jit_counted("aggregate", lambda s, t, w, f: aggregate(s, t, w, f, alg)),
       scatter=(lambda clients, trained, ids: trained) if rows else
       jit_counted("scatter", scatter, donate_argnums=0),
-      server_stages=tuple(server_stages),
+      server_stages=tuple(alg.server_stages),
       measure_one=(jit_counted("measure_one", lambda b, a, x, y: measure_one(b, a, x, y,
                                                                           measurements))
-                   if measurements else None))
+                   if measurements else None),
+      measure_names=tuple(sorted(measurements)))
 
 
 def global_variables(server: ServerState):

@@ -1,9 +1,10 @@
-"""An algorithm's optional parts, from its spec and the config: the CDW
-measurement and weighting, the reference CDW's received statistics, the KD
-server stage. `rounds.make_round_stages` compiles them with the rest."""
+"""The reference CDW's received statistics: in the reference, each client's
+CDW pass over the received global model updates that model's BatchNorm
+running statistics in place, so a client receives statistics changed by the
+clients measured before it in the round's order (`cdw.received_stats`,
+`cdw.chain_stats`). This holds them for the stacked selected clients, or
+client by client on the host holding each (a split state, several hosts)."""
 from __future__ import annotations
-
-from typing import Callable, NamedTuple
 
 import flax
 import jax
@@ -11,34 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fedreid_jax import hosts
-from fedreid_jax.errors import ConfigError, DatasetNotPrepared
 from fedreid_jax.federated import cdw as cdw_lib
-from fedreid_jax.federated import kd as kd_lib
 from fedreid_jax.federated import params as params_lib
-from fedreid_jax.federated.rounds import AlgorithmSpec
 from fedreid_jax.federated.tracing import jit_counted
-
-
-class AlgorithmParts(NamedTuple):
-  measurements: dict  # {name: rounds.Measurement}
-  weighting: Callable | None  # rounds.Weighting, None: the spec's named one
-  server_stages: tuple  # rounds.ServerStage, in order
-  received_stats: "ReceivedStats | None"  # the reference CDW's received statistics
-
-
-def make_parts(spec: AlgorithmSpec, config, model) -> AlgorithmParts:
-  """The parts `spec` asks for, configured by `config.cdw` / `config.kd`."""
-  measurements, weighting, stages, received = {}, None, (), None
-  if spec.cdw:
-    measurements[cdw_lib.DISTANCE] = cdw_lib.make_measurement(
-        model, config.cdw, config.train, spec.shared_prefixes)
-    weighting = cdw_lib.cdw_weights
-    if config.cdw.form == "logit" and config.cdw.mode == "reference":
-      received = ReceivedStats(model, config.train)
-  if spec.kd:
-    stages = (kd_lib.Distillation(model, config.kd, config.train),)
-  return AlgorithmParts(measurements, weighting, stages, received)
 
 
 class ReceivedStats:
@@ -58,20 +34,21 @@ class ReceivedStats:
                             static_argnums=3)
     self._chain = jit_counted("received_stats/chain", lambda server, contributions, order: (
         cdw_lib.chain_stats(server.batch_stats, contributions, order)))
-    self._rows = jit_counted("received_stats/rows", _merge_rows)
+    self._rows = jit_counted("received_stats/rows", merge_received_rows)
 
   def __call__(self, server, images: jax.Array, order: jax.Array):
     """images `[S, B, H, W, 3]` of the S selected clients, order `[S]` -> stats `[S, ...]`."""
     return self._stacked(server, images, order)
 
   def into_rows(self, server, selected, images: dict[int, jax.Array], ids: np.ndarray,
-                order: np.ndarray, mask: np.ndarray):
+                order: np.ndarray, mask: np.ndarray, topology):
     """`selected` (every client's row `[C, ...]`, maybe split over hosts) with
     the selected clients' received statistics. `images`: {client: its CDW batch}
     of this host's selected clients; `ids` `[S]` the selected clients, `order`
     `[S]` positions in `ids`, `mask` `[C]`. Each pass runs on this host (all
-    processes call this together; the contributions are summed over hosts)."""
-    local = hosts.local_copy(server)
+    processes call this together; the contributions are summed over hosts by
+    `topology`, a `topology.Topology`)."""
+    local = topology.local_copy(server)
     position = {int(c): i for i, c in enumerate(ids)}
     like = jax.eval_shape(lambda s: s.batch_stats, local)
     sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(like)]
@@ -80,7 +57,7 @@ class ReceivedStats:
       out = self._one(local, batch, position[client], len(ids))
       table[position[client]] = np.concatenate(
           [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(out)])
-    table = hosts.sum_over_hosts(table)
+    table = topology.sum_over_hosts(table)
     parts = np.split(table, np.cumsum(sizes)[:-1], axis=1)
     contributions = jax.tree.unflatten(jax.tree.structure(like), [
         p.reshape(len(ids), *x.shape).astype(x.dtype) for p, x in zip(parts, jax.tree.leaves(like))])
@@ -89,7 +66,7 @@ class ReceivedStats:
     return self._rows(selected, stats, row_position, mask)
 
 
-def _merge_rows(selected, stats, row_position: jax.Array, mask: jax.Array):
+def merge_received_rows(selected, stats, row_position: jax.Array, mask: jax.Array):
   """Rows of `selected` `[C, ...]` where `mask` get `stats[row_position]`
   (`stats` `[S, ...]`, the shared BatchNorm statistics); the others keep theirs."""
   old = traverse_util.flatten_dict(flax.core.unfreeze(selected.batch_stats))
@@ -103,35 +80,3 @@ def with_received_stats(selected, stats):
   """The selected clients `[S, ...]` with the shared BatchNorm statistics
   `stats` `[S, ...]` (the reference CDW's per-client received statistics)."""
   return selected._replace(batch_stats=params_lib.merge_trees(selected.batch_stats, stats))
-
-
-def check_hosts(config, spec) -> None:
-  """What a run over several hosts (`jax.process_count() > 1`) cannot do yet."""
-  if jax.process_count() == 1:
-    return
-  why = ("config.fed.strategy must be 'devices' (each host trains the clients its devices "
-         "hold)" if config.fed.strategy != "devices" else
-         "centralised trains one client" if spec.centralised else "")
-  if why:
-    raise ConfigError(f"config.fed.algorithm={config.fed.algorithm!r} with "
-                      f"fed.strategy={config.fed.strategy!r} over {jax.process_count()} hosts: "
-                      f"{why}; run it on one host (config.hosts.num_processes=1)")
-
-
-def check_input(config, spec, clients_data, public) -> None:
-  """Bad input for the algorithm's parts, before anything is built: a KD run
-  without a public set, a CDW batch larger than the smallest client, what
-  several hosts cannot run."""
-  check_hosts(config, spec)
-  if spec.kd and public is None:
-    raise DatasetNotPrepared(
-        f"config.fed.algorithm={config.fed.algorithm!r} distils on the server's public set, "
-        f"but {config.data.name!r} loaded none (for the real benchmark: CUHK02, prepared "
-        f"with `python -m fedreid_jax.data prepare --dataset cuhk02 --manual_dir <downloads> "
-        f"--data_dir {config.data.root}`); prepare it or pick an algorithm without _kd")
-  if spec.cdw:
-    smallest = min(clients_data, key=lambda c: len(c.train))
-    if config.cdw.batch_size > len(smallest.train):
-      raise ConfigError(
-          f"config.cdw.batch_size={config.cdw.batch_size} is larger than client "
-          f"{smallest.name!r} ({len(smallest.train)} training images); lower it")

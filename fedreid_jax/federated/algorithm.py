@@ -1,0 +1,162 @@
+"""An algorithm is one value: `Algorithm`, built by a factory from the config.
+
+    fedpav = fedpav_base(config)                      # FedPav: shared backbone + embedding
+    full = with_kd(with_cdw(fedpav, config, model), config, model)  # FedPav+CDW+KD
+
+Every field is a part the round (`rounds.py`) composes, never a copy of the
+round: which parameter subtrees travel (`shared`), a term added to each
+client's local loss (`client_regularizer`), how the server weighs the
+returned clients (`weighting`, reading the round's `measurements`), how it
+moves from the weighted mean (`server_optimizer`, an optax transformation of
+the pseudo-gradient `server - mean`; None: take the mean), and what runs on
+the server after aggregation (`server_stages`). KD and CDW are combinators
+over any algorithm that shares parameters. `registry.py` maps names to
+factories.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedreid_jax.federated import cdw as cdw_lib
+from fedreid_jax.federated import kd as kd_lib
+from fedreid_jax.federated import params as params_lib
+from fedreid_jax.federated.received_stats import ReceivedStats
+from fedreid_jax.federated.state import ClientStates
+
+FEATURE_EXTRACTOR = params_lib.FEATURE_EXTRACTOR
+BN_AGGREGATIONS = ("mean", "first_client")
+
+# A client measurement: (client state before training, after training, images
+# `[B, H, W, 3]` uint8, labels `[B]`) -> scalar, or (scalar, updated after-state)
+# when measuring changes the client (the reference CDW's in-place BatchNorm
+# update), for one client (mapped over the selected clients).
+Measurement = Callable[[ClientStates, ClientStates, jax.Array, jax.Array], Any]
+# Aggregation weights: (trained selected clients `[S, ...]`, measurements
+# {name: `[S]`}) -> unnormalised weights `[S]`.
+Weighting = Callable[[ClientStates, Mapping[str, jax.Array]], jax.Array]
+# A client loss term: (the client's full params, the global shared params) -> scalar.
+Regularizer = Callable[[Any, Any], jax.Array]
+
+
+def data_size_weights(trained: ClientStates, measured) -> jax.Array:
+  """`Weighting`: each client's number of training images (FedPav)."""
+  del measured
+  return trained.num_examples
+
+
+def uniform_weights(trained: ClientStates, measured) -> jax.Array:
+  """`Weighting`: every client alike."""
+  del measured
+  return jnp.ones_like(trained.num_examples)
+
+
+WEIGHTINGS: dict[str, Weighting] = {"data_size": data_size_weights, "uniform": uniform_weights}
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """One federated algorithm, as the round composes it.
+
+  name, label: its registered name and its column in tables and reports.
+  shared: parameter subtrees exchanged with the server (`()`: nothing).
+  client_regularizer: None, or `(params, global_params) -> scalar` added to
+    each local step's loss (`global_params`: the server's shared subtree).
+  weighting: aggregation weights from the trained clients and `measurements`.
+  measurements: {name: `Measurement`} taken of every selected client after
+    training, on `measurement_batch_size` of its own images.
+  server_optimizer: None (the server takes the weighted mean) or an optax
+    transformation of the pseudo-gradient `server - mean`; its state lives
+    in `ServerState.opt_state` and is checkpointed with it.
+  server_stages: `rounds.ServerStage`s run after aggregation, in order (KD).
+  centralised: every training set merged into one client.
+  bn_aggregation: "mean", or the reference's "first_client" quirk.
+  reset_optimizer: the clients' optimizer state re-created each round.
+  received_stats: the reference CDW's in-flight BatchNorm statistics, or None.
+  needs_public: a server stage reads the server's public set (KD).
+  """
+  name: str
+  label: str
+  shared: tuple[str, ...]
+  client_regularizer: Regularizer | None = None
+  weighting: Weighting = data_size_weights
+  measurements: Mapping[str, Measurement] = dataclasses.field(default_factory=dict)
+  server_optimizer: optax.GradientTransformation | None = None
+  server_stages: tuple = ()
+  centralised: bool = False
+  bn_aggregation: str = "mean"
+  reset_optimizer: bool = True
+  received_stats: ReceivedStats | None = None
+  needs_public: bool = False
+  measurement_batch_size: int = 0
+
+  @property
+  def shares(self) -> bool:
+    return bool(self.shared)
+
+
+def base(config, name: str, label: str, shared: tuple[str, ...] = FEATURE_EXTRACTOR,
+         **fields) -> Algorithm:
+  """An algorithm with the config's common settings (`config.fed.weighting`,
+  `bn_aggregation`, `reset_optimizer`)."""
+  return Algorithm(name=name, label=label, shared=shared,
+                   weighting=WEIGHTINGS[config.fed.weighting],
+                   bn_aggregation=config.fed.bn_aggregation,
+                   reset_optimizer=config.fed.reset_optimizer, **fields)
+
+
+def fedpav(config, model=None) -> Algorithm:
+  """FedPav: backbone + embedding block averaged, classifiers stay on the clients."""
+  del model
+  return base(config, "fedpav", "FedPav")
+
+
+def fedavg(config, model=None) -> Algorithm:
+  """FedPav that also averages the (padded) classifier."""
+  del model
+  return base(config, "fedavg", "FedAvg", FEATURE_EXTRACTOR + ("classifier",))
+
+
+def local(config, model=None) -> Algorithm:
+  """Each client trains alone: nothing is shared."""
+  del model
+  return base(config, "local", "Local training", ())
+
+
+def centralised(config, model=None) -> Algorithm:
+  """One client holding every training set, trained like FedPav."""
+  del model
+  return base(config, "centralised", "Centralised", centralised=True)
+
+
+def with_cdw(algorithm: Algorithm, config, model) -> Algorithm:
+  """`algorithm` weighted by the cosine distance of each client's update
+  (`config.cdw`: form, mode, batch size) instead of its own weighting."""
+  reference = config.cdw.form == "logit" and config.cdw.mode == "reference"
+  measurement = cdw_lib.make_measurement(model, config.cdw, config.train, algorithm.shared)
+  return dataclasses.replace(
+      algorithm, name=f"{algorithm.name}_cdw", label=f"{algorithm.label}+CDW",
+      measurements={**algorithm.measurements, cdw_lib.DISTANCE: measurement},
+      weighting=cdw_lib.cdw_weights, measurement_batch_size=config.cdw.batch_size,
+      received_stats=ReceivedStats(model, config.train) if reference else None)
+
+
+def with_kd(algorithm: Algorithm, config, model) -> Algorithm:
+  """`algorithm` with server-side knowledge distillation on the public set
+  every `config.kd.every_rounds` rounds, after aggregation."""
+  return dataclasses.replace(
+      algorithm, name=f"{algorithm.name}_kd", label=f"{algorithm.label}+KD",
+      server_stages=(*algorithm.server_stages, kd_lib.Distillation(model, config.kd, config.train)),
+      needs_public=True)
+
+
+def with_server_optimizer(algorithm: Algorithm, optimizer: optax.GradientTransformation,
+                          name: str, label: str) -> Algorithm:
+  """`algorithm` whose server steps from its current model along the
+  pseudo-gradient `server - mean` with `optimizer` (`optax.sgd(1.0)` lands
+  on the mean)."""
+  return dataclasses.replace(algorithm, name=name, label=label, server_optimizer=optimizer)
