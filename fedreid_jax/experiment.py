@@ -2,14 +2,12 @@
 same data and seed; a combined table (the paper's format) and plots."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
 from fedreid_jax import config_lib, hosts, train
 from fedreid_jax.data import registry
 from fedreid_jax.federated import checks
-from fedreid_jax.workdir import workdir_lock
 
 
 def result_columns(label: str, results: dict) -> dict:
@@ -46,9 +44,7 @@ def run(config, workdir: str) -> str:
   """Runs everything; returns a terminal-width table of rank-1 / mAP. The full
   tables are in `<workdir>/results.md` (all runs) and each baseline's folder.
   Holds the workdir's lock throughout (`workdir.workdir_lock`)."""
-  config_lib.validate(config)
-  config_lib.check_workdir(workdir)
-  with workdir_lock(workdir) if hosts.is_main() else contextlib.nullcontext():
+  with train.run_entry(config, workdir):
     return _run_locked(config, workdir)
 
 

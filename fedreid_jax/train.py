@@ -294,19 +294,29 @@ def algorithm_card(algorithm) -> str:
                      else len(names)}, indent=2)
 
 
-def run(config, workdir: str, clients_data=None, public=None) -> dict:
-  """Trains `config.fed.rounds` rounds (resuming from the workdir's checkpoint).
-
-  Holds the workdir's lock for the whole run. `config.json` is written only
-  once the data is loaded and the experiment built, so a run rejected for bad
-  input leaves no trace that would block the corrected command (nor the
-  workdir it created, nor its `.lock`)."""
+@contextlib.contextmanager
+def run_entry(config, workdir: str):
+  """The one way into a run (`experiment.run`, and `run` below for each of its
+  algorithms): the config validated, the workdir proved writable and its lock
+  held throughout; a run refused before it starts leaves the workdir as it
+  found it (nor the folder it created, nor its `.lock`). Re-entrant: the
+  suite's runs enter again inside the suite's."""
   config_lib.validate(config)
   main = hosts.is_main()
   with untouched_if_refused(workdir) if main else contextlib.nullcontext():
     config_lib.check_workdir(workdir)
     with workdir_lock(workdir) if main else contextlib.nullcontext():
-      return _run_locked(config, workdir, clients_data, public)
+      yield
+
+
+def run(config, workdir: str, clients_data=None, public=None) -> dict:
+  """Trains `config.fed.rounds` rounds (resuming from the workdir's checkpoint).
+
+  `config.json` is written only once the data is loaded and the experiment
+  built, so a run rejected for bad input leaves no trace that would block the
+  corrected command."""
+  with run_entry(config, workdir):
+    return _run_locked(config, workdir, clients_data, public)
 
 
 def _run_locked(config, workdir: str, clients_data, public) -> dict:

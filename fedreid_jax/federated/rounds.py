@@ -1,11 +1,14 @@
 """The round as named stages, each a pure function compiled once per run.
 
     selected = stages.broadcast(server, clients, ids)        # server -> S clients
-    trained, metrics = execute(selected, streams, steps)       # execution.py
+    trained, metrics = execute(shared, selected, streams, steps)  # strategies.py
     measured, trained = stages.measure(before, trained, batch) # {name: [S]}
     weights = stages.weights(trained, measured)                # [S]
-    server = stages.aggregate(server, trained, weights, first) # shared subtree mean
+    server = stages.aggregate(server, trained, weights, first) # mean, or a server step
     clients = stages.scatter(clients, trained, ids)            # back into [C, ...]
+
+(`placement.py` calls broadcast, measure and scatter for a gathered or a
+split client state; `train.Experiment.round_fn` runs them in this order.)
     server, metrics = stage(server, context) per server stage  # KD
 
 An algorithm (`algorithm.Algorithm`) supplies the parts: what is shared,
@@ -45,6 +48,13 @@ class ServerContext(NamedTuple):
 ServerStage = Callable[[ServerState, ServerContext], ServerState]
 
 
+def _without_local(tree, alg: Algorithm):
+  """`tree` (a server subtree) without the leaves `alg.keep_local` keeps on the clients."""
+  if alg.keep_local is None:
+    return tree
+  return params_lib.split_tree(tree, lambda path: not alg.keep_local(path))[0]
+
+
 def broadcast(server: ServerState, clients: ClientStates, ids: jax.Array, alg: Algorithm,
               tx: optax.GradientTransformation, in_order: bool = False) -> ClientStates:
   """The selected clients `[S, ...]` ready to train: the global shared subtree
@@ -56,8 +66,9 @@ def broadcast(server: ServerState, clients: ClientStates, ids: jax.Array, alg: A
   params, stats = sel.params, sel.batch_stats
   if alg.shares:
     bcast = lambda x: jnp.broadcast_to(x, (ids.shape[0], *x.shape))
-    params = params_lib.merge_trees(params, jax.tree.map(bcast, server.params))
-    stats = params_lib.merge_trees(stats, jax.tree.map(bcast, server.batch_stats))
+    sent = lambda tree: jax.tree.map(bcast, _without_local(tree, alg))
+    params = params_lib.merge_trees(params, sent(server.params))
+    stats = params_lib.merge_trees(stats, sent(server.batch_stats))
   opt_state = jax.vmap(tx.init)(params) if alg.reset_optimizer else sel.opt_state
   return sel._replace(params=params, batch_stats=stats, opt_state=opt_state,
                       rng=client_round_keys(server.rng, server.round, ids),
@@ -80,8 +91,9 @@ def aggregate(server: ServerState, trained: ClientStates, weights: jax.Array,
               first_client: jax.Array, alg: Algorithm) -> ServerState:
   """Weighted mean of the shared subtree over `trained` `[S, ...]`, or, with a
   server optimizer, one step of it along the pseudo-gradient `server - mean`
-  (BatchNorm statistics always take the mean); the server advances to the
-  next round (a non-sharing algorithm only does that)."""
+  (BatchNorm statistics, and leaves the clients keep (`alg.keep_local`),
+  always take the mean: the global model's copy, never sent back); the
+  server advances to the next round (a non-sharing algorithm only does that)."""
   server = server._replace(round=server.round + 1)
   if not alg.shares:
     return server
@@ -94,9 +106,12 @@ def aggregate(server: ServerState, trained: ClientStates, weights: jax.Array,
     stats = params_lib.take_client(stats, first_client)
   opt_state = server.opt_state
   if alg.server_optimizer is not None:
+    mean = params
     pseudo_gradient = jax.tree.map(jnp.subtract, server.params, params)
     updates, opt_state = alg.server_optimizer.update(pseudo_gradient, opt_state, server.params)
     params = optax.apply_updates(server.params, updates)
+    if alg.keep_local is not None:  # the clients' own leaves: the server keeps their mean
+      params = params_lib.merge_trees(params, params_lib.split_tree(mean, alg.keep_local)[0])
   return server._replace(params=params, batch_stats=stats, opt_state=opt_state)
 
 
