@@ -8,7 +8,7 @@ import numpy as np
 
 import fakes
 from fedreid_jax import train
-from fedreid_jax.federated import placement, sampling
+from fedreid_jax.federated import placement, rounds, sampling
 
 
 class SendingHost:
@@ -46,6 +46,9 @@ def test_two_fake_hosts_measure_and_receive_like_one_process():
   cfg = fakes.tiny_config(**{"fed.algorithm": "fedpav_cdw", "cdw.mode": "reference"})
   exp = train.Experiment(cfg, fakes.fake_clients())
   server, clients = exp.state
+  # the stages of a client state kept in rows (here all on one device)
+  stages = rounds.make_round_stages(exp.algorithm, exp.tx, every_client_sharding=(
+      jax.sharding.SingleDeviceSharding(jax.devices()[0])))
   ids = np.arange(3)
   order = sampling.round_order(cfg.seed, 0, 3)
   batches = exp.measurement_batches([0, 1, 2], 0)
@@ -60,10 +63,10 @@ def test_two_fake_hosts_measure_and_receive_like_one_process():
                                  {c: batches[c] for c in clients_held})
     return received, values, after
 
-  want = run(placement.Rows(exp.stages, 3), [0, 1, 2])
+  want = run(placement.Rows(stages, 3), [0, 1, 2])
   host_b = SendingHost()
-  run(placement.Rows(exp.stages, 3, host_b), held["B"])
-  got = run(placement.Rows(exp.stages, 3, ReceivingHost(host_b)), held["A"])
+  run(placement.Rows(stages, 3, host_b), held["B"])
+  got = run(placement.Rows(stages, 3, ReceivingHost(host_b)), held["A"])
   assert len(host_b.sent) == 2  # the statistics table, then the measurements
   for x, y in zip(jax.tree.leaves(want[0].batch_stats), jax.tree.leaves(got[0].batch_stats)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # every selected row
