@@ -93,6 +93,7 @@ class Algorithm:
   received_stats: ReceivedStats | None = None
   needs_public: bool = False
   measurement_batch_size: int = 0
+  keep_local: params_lib.PathPredicate | None = None  # leaves inside `shared` each client keeps
 
   @property
   def shares(self) -> bool:
