@@ -99,6 +99,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.kd.normalize_teachers = True  # L2-normalise each teacher's embedding (the paper's flag)
   c.kd.mode = "default"  # default (eval mode, selected clients) | reference (its train-mode quirks)
 
+  # FedProx (the fedprox* algorithms; docs/algorithms.md, "Baselines"): each client adds
+  # (mu / 2) ||w - w_global||^2 over the shared subtree to its loss.
+  c.prox = ml_collections.ConfigDict()
+  c.prox.mu = 0.01
+
+  # Server optimizers on the pseudo-gradient (fedavgm, fedadagrad, fedadam, fedyogi and their
+  # _kd/_cdw forms; Reddi et al., ICLR 2021). lr None: the algorithm's default (fedavgm 1.0,
+  # the adaptive ones 0.01); momentum: fedavgm's; b1, b2, eps (tau): the adaptive ones'.
+  c.server_opt = ml_collections.ConfigDict()
+  c.server_opt.lr = ml_collections.FieldReference(None, field_type=float)
+  c.server_opt.momentum = 0.9
+  c.server_opt.b1 = 0.9
+  c.server_opt.b2 = 0.99
+  c.server_opt.eps = 1e-3
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every_rounds = 5
   c.eval.protocol = "standard"  # standard | fedreid

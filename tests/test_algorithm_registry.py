@@ -39,13 +39,13 @@ def test_built_in_names_labels_and_order():
 def test_unknown_name_is_one_line_naming_the_registered(field):
   cfg = fakes.tiny_config()
   if field == "baselines":
-    cfg.baselines = ("fedprox",)
+    cfg.baselines = ("no_such_algorithm",)
   else:
-    cfg.fed.algorithm = "fedprox"
+    cfg.fed.algorithm = "no_such_algorithm"
   with pytest.raises(ConfigError) as e:
     config_lib.validate(cfg)
   message = str(e.value)
-  assert "\n" not in message and f"config.{field}='fedprox'" in message
+  assert "\n" not in message and f"config.{field}='no_such_algorithm'" in message
   assert all(name in message for name in BUILT_IN)
 
 

@@ -73,6 +73,12 @@ class Algorithm:
     transformation of the pseudo-gradient `server - mean`; its state lives
     in `ServerState.opt_state` and is checkpointed with it.
   server_stages: `rounds.ServerStage`s run after aggregation, in order (KD).
+  keep_local: None, or a predicate over leaf paths (`("backbone", "bn1",
+    "scale")`, the same in params and batch_stats) of leaves inside `shared`
+    that each client keeps as its own (FedBN's BatchNorm): broadcast leaves
+    the client's values, and the server's copy is the round's weighted mean
+    of the clients' values, never sent back and never moved by
+    `server_optimizer` (the global model needs them for evaluation).
   centralised: every training set merged into one client.
   bn_aggregation: "mean", or the reference's "first_client" quirk.
   reset_optimizer: the clients' optimizer state re-created each round.
