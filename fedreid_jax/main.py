@@ -114,7 +114,6 @@ def main(argv):
   del argv
   from fedreid_jax import experiment
   from fedreid_jax import hosts
-  from fedreid_jax.workdir import untouched_if_refused
   quiet_backend_probe()
   log_above_progress_bars()
   use_compilation_cache()
@@ -122,10 +121,7 @@ def main(argv):
   def run():
     hosts.initialize(_CONFIG.value)  # several hosts: join them before any device starts
     hosts.check_same_config(_CONFIG.value)
-    if not hosts.is_main():
-      return experiment.run(_CONFIG.value, _WORKDIR.value)
-    with untouched_if_refused(_WORKDIR.value):  # a refused launch leaves no .lock behind
-      return experiment.run(_CONFIG.value, _WORKDIR.value)
+    return experiment.run(_CONFIG.value, _WORKDIR.value)  # refused: the workdir as it was
   table = run_or_exit(run)
   if hosts.is_main():
     print(table)

@@ -75,8 +75,8 @@ CASES = [
      lambda t: _main_args(_write(t / "config.json", "[1, 2]"), str(t / "wd")),
      "not a config object"),
     ("main-unknown-algorithm", "main",
-     lambda t: _main_args(SYNTHETIC, str(t / "wd"), "--config.fed.algorithm=fedprox"),
-     "fedprox"),
+     lambda t: _main_args(SYNTHETIC, str(t / "wd"), "--config.fed.algorithm=no_such_algorithm"),
+     "no_such_algorithm"),
     ("main-unknown-field", "main",
      lambda t: _main_args(SYNTHETIC, str(t / "wd"), "--config.fed.bogus=1"),
      "unknown config field config.fed.bogus"),
@@ -214,6 +214,8 @@ def _call(command, argv, capsys) -> tuple[int, list[str]]:
 def test_bad_input_is_one_line(case, command, make, says, tmp_path, capsys, restore_logging,
                                monkeypatch):
   monkeypatch.chdir(ROOT)
+  from fedreid_jax import experiment
+  monkeypatch.setattr(experiment, "registry", _NoDataAllowed())  # refused before: never trains
   argv = make(tmp_path)
   before = _snapshot(tmp_path)
   code, lines = _call(command, argv, capsys)
@@ -241,6 +243,13 @@ def test_damaged_workdir_is_one_line_before_any_data_is_read(config_json, tmp_pa
   assert code == 1 and len(lines) == 1, lines
   assert ("config.json' is damaged" if config_json else "seed: saved 0 vs now 5") in lines[0]
   assert _snapshot(tmp_path) == before
+
+
+class _NoDataAllowed:
+  """A data registry that fails the test: bad input must be refused before data."""
+
+  def load(self, data, seed):
+    raise AssertionError("bad input reached data loading (a run would have trained)")
 
 
 class _NoData:
