@@ -6,10 +6,10 @@
     weights = stages.weights(trained, measured)                # [S]
     server = stages.aggregate(server, trained, weights, first) # mean, or a server step
     clients = stages.scatter(clients, trained, ids)            # back into [C, ...]
+    server, metrics = stage(server, context) per server stage  # KD
 
 (`placement.py` calls broadcast, measure and scatter for a gathered or a
 split client state; `train.Experiment.round_fn` runs them in this order.)
-    server, metrics = stage(server, context) per server stage  # KD
 
 An algorithm (`algorithm.Algorithm`) supplies the parts: what is shared,
 the measurements and weighting, the server optimizer, the server stages.
