@@ -184,13 +184,13 @@ def test_a_stop_signal_waits_for_the_write_then_the_run_resumes(tmp_path, monkey
   cfg = fakes.tiny_config(**{"fed.rounds": 3, "eval.client_models": False})
   cfg.checkpoint_every = 5  # the stop saves round 2 anyway
   clients = fakes.fake_clients()
-  real = train.Experiment.train_round
+  real = train.Experiment.round_fn
 
-  def signalled(self, round_index, on_steps=None):
+  def signalled(self, state, round_index, on_steps=None):
     if round_index == 1:
       os.kill(os.getpid(), signal.SIGTERM)  # the handler only records it
-    return real(self, round_index, on_steps)
-  monkeypatch.setattr(train.Experiment, "train_round", signalled)
+    return real(self, state, round_index, on_steps)
+  monkeypatch.setattr(train.Experiment, "round_fn", signalled)
   workdir = tmp_path / "run"
   with pytest.raises(errors.Interrupted, match="after round 2 of 3; saved a checkpoint of round 2"):
     train.run(cfg, str(workdir), clients)

@@ -20,7 +20,7 @@ def cli(*args, timeout=600):
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("fed.algorithm", "fedprox", "choose one of ['fedpav', 'fedpav_kd', 'fedpav_cdw', 'fedpav_kd_cdw', 'local', 'fedavg', 'centralised']"),
+    ("fed.algorithm", "no_such_algorithm", "is not a registered algorithm; choose one of local, fedpav, fedpav_kd, fedpav_cdw, fedpav_kd_cdw, fedavg, centralised, "),
     ("data.name", "imagenet", "choose one of ['synthetic', 'fedreid']"),
     ("fed.strategy", "pmap", "choose one of ['serial', 'vmap', 'sequential', 'sharded', 'devices']"),
     ("train.batch_size", 0, "must be a positive integer"),
