@@ -52,6 +52,13 @@ class Loop:
     return self.number == self.config.fed.rounds
 
 
+def bars_disabled() -> bool | None:
+  """tqdm's `disable` for the run's bars: off on processes other than 0, and
+  (None) off when the output is not a terminal: in a file (nohup, CI) their
+  refreshes would pile up; each round's log line says the same."""
+  return True if not hosts.is_main() else None
+
+
 def steps_per_round(exp, round_index: int) -> int:
   """This host's local steps in the round (its progress bar's total)."""
   return sum(exp.inputs.num_steps(int(c)) for c in exp.selected(round_index) if int(c) in exp.own)
@@ -63,7 +70,7 @@ def train_round(loop: Loop) -> None:
   exp, r = loop.exp, loop.round_index
   t0 = time.time()
   with tqdm.tqdm(total=steps_per_round(exp, r), desc=f"round {loop.number} local steps",
-                 unit="step", leave=False, disable=not hosts.is_main()) as steps_bar:
+                 unit="step", leave=False, disable=bars_disabled()) as steps_bar:
     exp.state, record = exp.round_fn(exp.state, r, steps_bar.update)
   loop.before = (exp.evaluate(client_models=False)
                  if exp.server_stages_active(r) and loop.config.eval.before_kd else None)
@@ -85,7 +92,7 @@ def log_round(loop: Loop) -> None:
   loop.bar.set_postfix(loss=f"{record['train/loss']:.3f}", acc=f"{record['train/accuracy']:.2f}")
   loop.bar.update(1)
   if loop.number % loop.config.log_every == 0:
-    logging.info("round %d/%d loss %.4f acc %.3f waste %.2f (%.1fs)", loop.number, rounds,
+    logging.info("round %d/%d loss %.4f acc %.3f padding x%.2f (%.1fs)", loop.number, rounds,
                  record["train/loss"], record["train/accuracy"],
                  record["train/padding_waste"], record["train/round_seconds"])
   if "kd/loss" in record:

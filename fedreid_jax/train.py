@@ -350,7 +350,7 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
     write_atomic(os.path.join(workdir, "algorithm.json"), algorithm_card(exp.algorithm))
   writer = MetricWriter(workdir, resume_round=start) if main else NullWriter()
   bar = tqdm.tqdm(total=config.fed.rounds, initial=start, desc=f"{config.fed.algorithm} rounds",
-                  unit="round", disable=not main)
+                  unit="round", disable=round_loop.bars_disabled())
   results = {}
   stop = StopOnSignal(ckpts)
   try:  # leaving `ckpts` finishes the write in flight; a full disk there is explained too

@@ -24,6 +24,9 @@ def test_default_config_two_rounds_via_cli(tmp_path):
        f"--config.data.root={tmp_path / 'data'}"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
   assert out.returncode == 0, out.stderr[-3000:]
+  # output to a file: no progress-bar refreshes, one log line a round
+  assert "local steps" not in out.stderr and "\r" not in out.stderr
+  assert out.stderr.count("round 2/2 loss") == 2 and "padding x1.00" in out.stderr
   for run_dir in (workdir, workdir / "baseline_local"):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["fed"]["rounds"] == 2

@@ -54,7 +54,7 @@ def _check_layout(root: Path, name: str) -> None:
 def _preload(paths: Sequence[Path], desc: str) -> np.ndarray | list[np.ndarray]:
   """Reads every file once: a `[N, H, W, 3]` uint8 array if sizes agree."""
   images = [read_rgb(p) for p in tqdm(paths, desc=desc, unit="img",
-                                      leave=False, disable=len(paths) == 0)]
+                                      leave=False, disable=True if not paths else None)]
   shapes = {im.shape for im in images}
   if len(shapes) == 1:
     return np.stack(images)

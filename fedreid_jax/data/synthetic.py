@@ -417,7 +417,8 @@ def ensure_synthetic(data_root: str | Path, seed: int = 0, image_size: tuple[int
     for name in keep:
       shutil.copytree(folder / name, tmp / name)
     total = sum(len(plan_domain(s, seed)) for s in todo)
-    with tqdm(total=total, desc=f"synthetic {folder.name}", unit="img") as bar:
+    with tqdm(total=total, desc=f"synthetic {folder.name}", unit="img",
+              disable=None) as bar:  # None: off when the output is not a terminal
       for s in todo:
         counts = generate_domain(s, seed, image_size, tmp / s.name, bar)
         out[s.name] = {"role": "public" if s is public else "client",

@@ -47,7 +47,7 @@ def load_images(split: ReIDSplit, size: tuple[int, int], desc: str = "",
   pool = ThreadPoolExecutor(max(1, threads))
   try:
     for _ in tqdm(pool.map(read_block, starts), total=len(starts), desc=desc or "decoding",
-                  unit="block", leave=False, disable=len(starts) < 8):
+                  unit="block", leave=False, disable=True if len(starts) < 8 else None):
       pass
   finally:  # a bad image or a stop signal: the blocks not started are dropped
     pool.shutdown(wait=True, cancel_futures=True)
