@@ -72,6 +72,13 @@ def get_config() -> ml_collections.ConfigDict:
   # devices | sharded: use the first N devices (0: all present); more than present is an error.
   # `devices` queues whole clients on them longest first (docs/strategies_and_scaling.md).
   c.fed.num_devices = 0
+  # Failing and slow clients, seeded per round, the same under every strategy
+  # (docs/algorithms.md, "Failing and slow clients"). dropout: share of the selected
+  # clients that fail mid-round (update lost, weight 0); straggler_fraction of the
+  # others complete only straggler_steps of their local steps.
+  c.fed.dropout = 0.0
+  c.fed.straggler_fraction = 0.0
+  c.fed.straggler_steps = 0.5
 
   # Several hosts (docs/strategies_and_scaling.md): the same command on every host, with
   # --config.hosts.process_id=K (0 on the coordinator's host). 1: one host; 0: detect

@@ -30,6 +30,7 @@ from fedreid_jax import federated
 from fedreid_jax.federated import checks, device_queues, execution, strategies
 from fedreid_jax.federated import local as local_lib
 from fedreid_jax.federated import params as params_lib
+from fedreid_jax.federated import failures as failures_lib
 from fedreid_jax.federated import placement as placement_lib
 from fedreid_jax.federated import rounds as rounds_lib
 from fedreid_jax.federated import sampling
@@ -68,6 +69,7 @@ class Experiment:
     checks.check_input(cfg, described, clients_data, public)
     rows = 1 if described.centralised else len(clients_data)  # clients in the state
     self.num_selected = sampling.num_selected(cfg.fed.clients_per_round, rows)
+    failures_lib.check(**failures_lib.settings(cfg.fed), num_selected=self.num_selected)
     devices = device_queues.queue_devices(cfg.fed.num_devices)
     # `devices`: the client state split over a `clients` mesh from the start (over the
     # most devices dividing the client count; every host's)
@@ -211,23 +213,33 @@ class Experiment:
           self.received_stats, server, selected, {c: b[0] for c, b in batches.items()}, ids,
           sampling.round_order(self.config.seed, round_index, len(ids)))
     lanes = place.lanes(ids)
+    plan = failures_lib.round_failures(  # failing and slow clients: all run to the end if off
+        self.config.seed, round_index, ids, [self.inputs.num_steps(c) for c in ids],
+        **failures_lib.settings(self.config.fed))
     streams = self.inputs.streams(  # several hosts: each reads its own clients' data
         [c if c in own else None for c in lanes], round_index,
         in_order=getattr(self.execute, "reads_clients_in_order", False))
+    streams = [s if s is None or plan.steps[c] == self.inputs.num_steps(c) else
+               failures_lib.truncated(s, plan.steps[c], self.inputs.num_steps(c))
+               for c, s in zip(lanes, streams)]
     shared = server.params if self.algorithm.client_regularizer is not None else ()
     trained, metrics = self.execute(shared, selected, streams,
-                                    [self.inputs.num_steps(c) if c in ids else 0 for c in lanes],
-                                    on_steps)
+                                    [plan.steps.get(c, 0) for c in lanes], on_steps)
     measured = {}
     if self.stages.measure is not None:  # every host calls it (a host may hold none)
       measured, trained = place.measure(place.select(server, clients, ids), trained, batches)
     weights = place.weights(self.topology.to_host(self.stages.weights(trained, measured)), ids)
+    if plan.failed:  # a failed client's update is lost: weight 0, its state as before
+      weights = weights * np.array([c not in plan.failed for c in lanes])
+      trained = place.restore(trained, clients, plan.failed, ids)
     first = int(sampling.first_client(self.config.seed, round_index, len(ids)))
     server = self.stages.aggregate(server, trained, weights, jnp.int32(place.first(ids, first)))
     clients = place.write_back(clients, trained, ids)
     metrics, measured, weights = place.of_selected((metrics, measured, weights), ids)
     record = round_record([self.clients_data[c].name for c in ids], metrics, measured, weights)
     record.update(getattr(self.execute, "report", dict)())  # `devices`: the schedule
+    if failures_lib.active(self.config.fed):
+      record.update(failures_lib.record(plan, [self.clients_data[c].name for c in ids], ids))
     return RunState(server, clients), record
 
   def measurement_batches(self, own: list[int], round_index: int) -> dict:

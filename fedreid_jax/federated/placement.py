@@ -33,6 +33,8 @@ class Gathered:
 
   def __init__(self, stages, num_clients: int):
     self.stages, self.num_clients = stages, num_clients
+    self._restore = jit_counted("restore", lambda lost, clients, ids, trained: (
+        params_lib.where_rows(lost, jax.tree.map(lambda x: x[ids], clients), trained)))
 
   def lanes(self, ids: np.ndarray) -> list[int]:
     """The client each lane of the selected state holds."""
@@ -61,6 +63,12 @@ class Gathered:
     """The index in the selected state of the round's `position`-th client."""
     return position
 
+  def restore(self, trained, clients, failed, ids: np.ndarray):
+    """`trained` `[S, ...]` with the lanes of the `failed` clients as they were
+    in `clients` before the round (their update is lost)."""
+    lost = np.array([int(c) in failed for c in ids])
+    return self._restore(jnp.asarray(lost), clients, jnp.asarray(ids, jnp.int32), trained)
+
   def write_back(self, clients, trained, ids: np.ndarray):
     """`clients` `[C, ...]` with the trained selected clients in their rows."""
     return self.stages.scatter(clients, trained, jnp.asarray(ids, jnp.int32))
@@ -78,6 +86,7 @@ class Rows:
     self._take = jit_counted("rows/take", params_lib.take_client)
     self._put = jit_counted("rows/put", lambda block, lane, one: jax.tree.map(
         lambda f, o: f.at[lane].set(o), block, one), donate_argnums=0)
+    self._restore = jit_counted("rows/restore", params_lib.where_rows)
 
   def mask(self, ids: np.ndarray) -> np.ndarray:
     return np.isin(np.arange(self.num_clients), ids)
@@ -126,6 +135,12 @@ class Rows:
 
   def first(self, ids: np.ndarray, position: int) -> int:
     return int(ids[position])
+
+  def restore(self, trained, clients, failed, ids: np.ndarray):
+    """`trained` `[C, ...]` with the `failed` clients' rows as they were in
+    `clients` before the round (their update is lost)."""
+    lost = np.isin(np.arange(self.num_clients), sorted(failed))
+    return self._restore(jnp.asarray(lost), clients, trained)
 
   def write_back(self, clients, trained, ids: np.ndarray):
     """The trained rows are the clients (changed in place)."""
