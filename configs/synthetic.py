@@ -130,6 +130,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.streamed = True
   c.eval.client_models = True  # also test each client's own trained model ("FedPav local")
   c.eval.before_kd = True  # on KD rounds also test the global model before distillation
+  # Also report metrics after k-reciprocal re-ranking (<metric>_rr; Zhong et al. 2017,
+  # memory-bounded: docs/evaluation_and_report.md) and after alpha query expansion
+  # (<metric>_aqe, fast-reid's aqe; aqe_k 0 = off). The plain metrics are unchanged.
+  c.eval.re_ranking = False
+  c.eval.rr_k1 = 20
+  c.eval.rr_k2 = 6
+  c.eval.rr_lambda = 0.3
+  c.eval.aqe_k = 0
+  c.eval.aqe_alpha = 3.0
 
   # Other algorithms run after the main one, same data and seed, each in
   # <workdir>/baseline_<name> (the suite: docs/algorithms.md).

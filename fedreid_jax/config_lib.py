@@ -118,6 +118,15 @@ def _positive(value, field, allow_zero=False):
     raise ConfigError(f"config.{field}={value!r} must be a {'non-negative' if allow_zero else 'positive'} number")
 
 
+def _integer(value, field, minimum):
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(f"config.{field}={value!r} must be an integer >= {minimum}")
+
+
+def _real(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _devices(num_devices) -> None:
   """`fed.num_devices`: 0 (all) or at most the devices present, checked before
   anything is compiled."""
@@ -167,6 +176,13 @@ def validate(config) -> None:
   baselines.check_settings(config)  # prox.mu, server_opt (absent in older saved configs)
   hosts.check_settings(config)
   _devices(config.fed.num_devices)
+  _choice(config.eval.get("re_ranking", False), (False, True), "eval.re_ranking")  # older
+  _integer(config.eval.get("rr_k1", 20), "eval.rr_k1", minimum=1)  # configs lack these
+  _integer(config.eval.get("rr_k2", 6), "eval.rr_k2", minimum=1)   # fields: defaults
+  _integer(config.eval.get("aqe_k", 0), "eval.aqe_k", minimum=0)
+  _positive(config.eval.get("aqe_alpha", 3.0), "eval.aqe_alpha")
+  if not _real(config.eval.get("rr_lambda", 0.3)) or not 0 <= config.eval.get("rr_lambda", 0.3) <= 1:
+    raise ConfigError(f"config.eval.rr_lambda={config.eval.rr_lambda!r} must be in [0, 1]")
   if not isinstance(config.eval.streamed, bool):
     raise ConfigError(f"config.eval.streamed={config.eval.streamed!r} must be True or False")
   if len(config.data.image_size) != 2 or min(config.data.image_size) <= 0:

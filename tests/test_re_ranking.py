@@ -201,3 +201,78 @@ def test_aqe_refuses():
   for kwargs in (dict(k=0), dict(alpha=0.0), dict(alpha=-1.0)):
     with pytest.raises(ValueError):
       query_expansion.aqe(f, f, **{"k": 2, "alpha": 3.0, **kwargs})
+
+
+# ---------------------------------------------------------------------------
+# Wiring: config fields and the evaluation's extra metrics.
+
+OPTIONS = dict(re_ranking=True, rr_k1=5, rr_k2=3, rr_lambda=0.3, aqe_k=3, aqe_alpha=3.0)
+
+
+def linear_embed(size, dim=8):
+  """A stand-in model: random projection of the pixels, L2-normalised."""
+  import jax
+  import jax.numpy as jnp
+  proj = np.random.default_rng(0).standard_normal((size[0] * size[1] * 3, dim))
+
+  def embed(variables, images):
+    f = images.reshape(images.shape[0], -1).astype(jnp.float32) @ variables["proj"]
+    return f / jnp.linalg.norm(f, axis=1, keepdims=True)
+  return jax.jit(embed), {"proj": jnp.asarray(proj, jnp.float32)}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_evaluate_model_extra_metrics(streamed):
+  import fakes
+  from fedreid_jax.evaluation import features as features_lib
+  from fedreid_jax.evaluation import streamed as streamed_lib
+  client = fakes.fake_clients()[0]
+  size = (32, 16)
+  embed_fn, variables = linear_embed(size)
+  if streamed:
+    test = streamed_lib.StreamedTestSet.from_client(client, size)
+    run = lambda options: streamed_lib.evaluate_model(embed_fn, variables, test, "standard", 8,
+                                                      threads=1, options=options)
+  else:
+    test = features_lib.load_test_set(client, size)
+    run = lambda options: features_lib.evaluate_model(embed_fn, variables, test, "standard",
+                                                      8, options=options)
+  plain = run(None)
+  assert set(plain) == {"rank1", "rank5", "rank10", "mAP", "mINP"}
+  assert run(fakes.tiny_config().eval) == plain  # the defaults: off, same dict
+  got = run(OPTIONS)
+  assert {k: got[k] for k in plain} == plain  # plain metrics unchanged
+  qf = features_lib.extract_features(embed_fn, variables, np.asarray(test.query_images[:]), 8)
+  gf = features_lib.extract_features(embed_fn, variables, np.asarray(test.gallery_images[:]), 8)
+  ids = (test.query_pids, test.gallery_pids, test.query_cams, test.gallery_cams)
+  rr_want = evaluate_re_ranking(np.asarray(qf), np.asarray(gf), *ids, k1=5, k2=3)
+  aqe_want = evaluate_features(*query_expansion.aqe(qf, gf, 3, 3.0), *ids)
+  assert {k: got[f"{k}_rr"] for k in plain} == pytest.approx(rr_want, abs=1e-6)
+  assert {k: got[f"{k}_aqe"] for k in plain} == pytest.approx(aqe_want, abs=1e-6)
+  assert len(got) == 15
+
+
+def test_config_fields_validated():
+  import fakes
+  from fedreid_jax import config_lib
+  from fedreid_jax.errors import ConfigError
+  cfg = fakes.tiny_config()
+  assert (cfg.eval.re_ranking, cfg.eval.rr_k1, cfg.eval.rr_k2, cfg.eval.rr_lambda,
+          cfg.eval.aqe_k, cfg.eval.aqe_alpha) == (False, 20, 6, 0.3, 0, 3.0)
+  config_lib.validate(cfg)
+  for field, bad, says in [("rr_k1", 0, "rr_k1"), ("rr_k2", 0, "rr_k2"),
+                           ("rr_lambda", 1.5, "[0, 1]"), ("rr_lambda", -0.1, "[0, 1]"),
+                           ("aqe_k", -1, "aqe_k"), ("aqe_alpha", 0.0, "positive"),
+                           ("aqe_alpha", -2.0, "positive")]:
+    c = fakes.tiny_config(**{f"eval.{field}": bad})
+    with pytest.raises(ConfigError, match=re_escape(says)):
+      config_lib.validate(c)
+  old = fakes.tiny_config()
+  for field in OPTIONS:  # a config saved before these fields existed
+    del old.eval[field]
+  config_lib.validate(old)
+
+
+def re_escape(text):
+  import re
+  return re.escape(text)

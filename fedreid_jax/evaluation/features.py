@@ -74,15 +74,40 @@ def load_test_set(client: ClientData, size: tuple[int, int]) -> TestSet:
                  client.query.pids, client.gallery.pids, client.query.camids, client.gallery.camids)
 
 
+def extra_metrics(qf, gf, test, protocol: str, options=None) -> dict:
+  """Metrics after k-reciprocal re-ranking (`<metric>_rr`) and after alpha
+  query expansion (`<metric>_aqe`), each when `options` (`config.eval`, or
+  any mapping) turns it on: `re_ranking` with `rr_k1`, `rr_k2`, `rr_lambda`;
+  `aqe_k` > 0 with `aqe_alpha`. `{}` when both are off (the default)."""
+  options = options if options is not None else {}
+  out = {}
+  ids = (test.query_pids, test.gallery_pids, test.query_cams, test.gallery_cams)
+  if options.get("re_ranking", False):
+    from fedreid_jax.evaluation.re_ranking import evaluate_re_ranking
+    metrics = evaluate_re_ranking(np.asarray(qf), np.asarray(gf), *ids, protocol,
+                                  k1=options.get("rr_k1", 20), k2=options.get("rr_k2", 6),
+                                  lambda_value=options.get("rr_lambda", 0.3))
+    out.update({f"{name}_rr": value for name, value in metrics.items()})
+  if options.get("aqe_k", 0) > 0:
+    from fedreid_jax.evaluation.query_expansion import aqe
+    from fedreid_jax.evaluation.retrieval import evaluate_features
+    q_new, g_new = aqe(qf, gf, options.get("aqe_k"), options.get("aqe_alpha", 3.0))
+    metrics = evaluate_features(q_new, g_new, *ids, protocol=protocol)
+    out.update({f"{name}_aqe": value for name, value in metrics.items()})
+  return out
+
+
 def evaluate_model(embed_fn, variables, test: TestSet, protocol: str, batch_size: int,
-                   examples_path: str | None = None) -> dict:
+                   examples_path: str | None = None, options=None) -> dict:
   """rank1/5/10, mAP, mINP of one model on one client's query/gallery; with
-  `examples_path`, also saves retrieval examples there (`retrieval_examples`)."""
+  `examples_path`, also saves retrieval examples there (`retrieval_examples`);
+  `options` (`config.eval`): also re-ranked / AQE metrics (`extra_metrics`)."""
   from fedreid_jax.evaluation.retrieval import evaluate_features
   qf = extract_features(embed_fn, variables, test.query_images, batch_size)
   gf = extract_features(embed_fn, variables, test.gallery_images, batch_size)
   if examples_path:
     from fedreid_jax.evaluation import retrieval_examples as examples_lib
     examples_lib.save_examples(examples_path, examples_lib.retrieval_examples(qf, gf, test))
-  return evaluate_features(qf, gf, test.query_pids, test.gallery_pids, test.query_cams,
-                           test.gallery_cams, protocol=protocol)
+  metrics = evaluate_features(qf, gf, test.query_pids, test.gallery_pids, test.query_cams,
+                              test.gallery_cams, protocol=protocol)
+  return {**metrics, **extra_metrics(qf, gf, test, protocol, options)}

@@ -28,7 +28,7 @@ import numpy as np
 
 from fedreid_jax import hosts
 from fedreid_jax.data.base import ClientData, ReIDSplit
-from fedreid_jax.evaluation.features import embed_batches
+from fedreid_jax.evaluation.features import embed_batches, extra_metrics
 from fedreid_jax.input.reader import read_resized
 
 
@@ -100,10 +100,12 @@ def split_features(embed_fn, variables, split: ReIDSplit, size: tuple[int, int],
 
 def evaluate_model(embed_fn, variables, test: StreamedTestSet, protocol: str, batch_size: int,
                    examples_path: str | None = None, cache: dict | None = None,
-                   threads: int = 4) -> dict:
+                   threads: int = 4, options=None) -> dict:
   """rank1/5/10, mAP, mINP of one model on `test`, streamed; with `cache` (one
   dict per model), a test set already scored under the same `key` is not
-  embedded again. `examples_path`: also save retrieval examples there."""
+  embedded again. `examples_path`: also save retrieval examples there.
+  `options` (`config.eval`): also re-ranked / AQE metrics
+  (`features.extra_metrics`; re-ranking holds no `Q x G` matrix either)."""
   from fedreid_jax.evaluation.retrieval import evaluate_features
   variables = hosts.local_copy(variables)  # one device, not every device of a mesh
   hit = cache.get(test.key) if cache is not None else None
@@ -111,9 +113,9 @@ def evaluate_model(embed_fn, variables, test: StreamedTestSet, protocol: str, ba
   if hit is None or (examples_path and feats is None):
     feats = tuple(split_features(embed_fn, variables, s, test.size, batch_size, threads)
                   for s in (test.query, test.gallery))
-  metrics = hit[0] if hit else evaluate_features(
+  metrics = hit[0] if hit else {**evaluate_features(
       *feats, test.query_pids, test.gallery_pids, test.query_cams, test.gallery_cams,
-      protocol=protocol)
+      protocol=protocol), **extra_metrics(*feats, test, protocol, options)}
   if cache is not None:  # features are kept only while examples need them
     cache[test.key] = (metrics, feats if examples_path else None)
   if examples_path:
