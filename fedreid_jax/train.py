@@ -291,9 +291,9 @@ class Experiment:
     if isinstance(test, streamed_lib.StreamedTestSet):
       return streamed_lib.evaluate_model(self.embed_fn, variables, test, cfg.eval.protocol,
                                          cfg.eval.batch_size, examples_path, cache,
-                                         cfg.data.loader_threads)
+                                         cfg.data.loader_threads, options=cfg.eval)
     return features_lib.evaluate_model(self.embed_fn, variables, test, cfg.eval.protocol,
-                                       cfg.eval.batch_size, examples_path)
+                                       cfg.eval.batch_size, examples_path, options=cfg.eval)
 
 
 def algorithm_card(algorithm) -> str:
