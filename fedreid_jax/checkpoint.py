@@ -171,6 +171,51 @@ def saved_meaning(workdir: str) -> dict | None:
   return None
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The finished checkpoints in `<workdir>/checkpoints` (folders named by a
+  number: Orbax writes under a temporary name and renames once finished)."""
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder)
+                if n.isdigit() and os.path.isdir(os.path.join(folder, n)))
+
+
+def remove_orphan_checksums(workdir: str) -> list[str]:
+  """Deletes `checksums/<step>.json` and `<step>.meaning.json` of steps that no
+  longer exist (pruned by Orbax, `checkpoint_keep`, or removed by hand);
+  returns their names. Call it with no write in flight (its step has none yet)."""
+  folder = os.path.join(workdir, "checksums")
+  if not os.path.isdir(folder):
+    return []
+  steps, removed = set(saved_steps(workdir)), []
+  for name in os.listdir(folder):
+    step = name.split(".", 1)[0]
+    if (step.isdigit() and int(step) not in steps
+        and name in (f"{step}.json", f"{step}.meaning.json")):
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, name))
+      removed.append(name)
+  return sorted(removed)
+
+
+def resume_round(workdir: str) -> int:
+  """The round a rerun resumes from, as `restore_latest` will choose it: the
+  newest finished checkpoint whose files match their checksums (one without
+  readable checksums counts as intact: Orbax checks it); 0 when there is none."""
+  for step in reversed(saved_steps(workdir)):
+    want, _ = _load_checksums(os.path.join(workdir, "checksums", f"{step}.json"))
+    if want is None:
+      return step
+    try:
+      have = file_digests(os.path.join(workdir, "checkpoints", str(step)))
+    except OSError:
+      continue
+    if all(have.get(k) == v for k, v in want.items()):
+      return step
+  return 0
+
+
 class BackgroundHash:
   """One host: a thread that waits for `step`'s write to finish, then hashes
   its files, while training goes on. `result()` joins it and returns the
@@ -198,6 +243,17 @@ class BackgroundHash:
     if self.error is not None:
       raise self.error
     return self.digests
+
+
+def full_disk_errors(e: BaseException | None) -> list[OSError]:
+  """The OSError(ENOSPC)s in `e`'s chain of causes and contexts, outermost first."""
+  out, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      out.append(e)
+    e = e.__cause__ or e.__context__
+  return out
 
 
 @contextlib.contextmanager
@@ -235,9 +291,12 @@ class Checkpoints:
     self._times["written"] = time.perf_counter()
 
   def restore_latest(self, like):
-    """`restore_latest` after finishing any write in flight; sets `saved`."""
+    """`restore_latest` after finishing any write in flight; sets `saved`; deletes
+    the checksums of steps that no longer exist."""
     self.finish()
     self.saved, state = restore_latest(self.manager, like)
+    if hosts.is_main():  # left by an earlier version or a kill between a prune and this
+      remove_orphan_checksums(self.workdir)
     return self.saved, state
 
   def save(self, step: int, state) -> None:
@@ -265,6 +324,7 @@ class Checkpoints:
       wait_written(self.manager, step)
     finally:
       self.in_flight = None  # failed or finished: never hashed later
+    self.saved = step  # on disk: a rerun resumes from it even if what follows fails
     digests, unhashed = None, None
     if background is not None:
       try:
@@ -280,7 +340,8 @@ class Checkpoints:
       logging.warning("checkpoint of round %d was written but could not be hashed (%s: %s); "
                       "it is kept without checksums (a restore checks it with Orbax only)",
                       step, type(unhashed).__name__, unhashed)
-    self.saved = step
+    if hosts.is_main():
+      remove_orphan_checksums(self.workdir)  # of the steps Orbax pruned (checkpoint_keep)
     hashed = time.perf_counter() - begin - waited
     t = self._times
     written = t.get("written", begin + waited) - t["start"]
@@ -296,15 +357,17 @@ class Checkpoints:
   def __enter__(self) -> "Checkpoints":
     return self
 
-  def __exit__(self, exc_type, *exc) -> None:
-    self.close(failed=exc_type is not None)
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self.close(failed=exc_type is not None, error=exc)
 
-  def close(self, failed: bool = False) -> None:
+  def close(self, failed: bool = False, error: BaseException | None = None) -> None:
     """Finishes the write in flight and closes the manager. After an error
     (`failed`) on several hosts, possibly one host's, the write is only
     waited for (by Orbax), without checksums: their barriers could hang. After
     an error on one host, a failing write is logged, not raised: the error
-    that ended the run is the one reported."""
+    that ended the run is the one reported. When both are a full disk, that
+    log record is marked `console=False` (the CLI writes it to errors.log
+    only: the run's one line already says where it resumes)."""
     try:
       if failed and hosts.is_multihost():
         self.in_flight = None  # (no BackgroundHash on several hosts)
@@ -315,7 +378,8 @@ class Checkpoints:
         except Exception as e:  # the run's own error propagates
           logging.error("the checkpoint write of round %s failed too (%s: %s); the latest "
                         "intact checkpoint holds round %d", step, type(e).__name__, e,
-                        self.saved)
+                        self.saved, extra={"console": not (full_disk_errors(e) and
+                                                           full_disk_errors(error))})
       else:
         self.finish()
     finally:

@@ -101,6 +101,94 @@ class _DropMessage(logging.Filter):
     return not str(record.msg).startswith(self.prefix)
 
 
+def _off_console(record: logging.LogRecord) -> bool:
+  """A record kept out of the console: an error of a library (Orbax's and
+  asyncio's tracebacks from their threads, dozens for one full disk), or one
+  of ours marked `extra={"console": False}`."""
+  if getattr(record, "console", True) is False:
+    return True
+  ours = record.name == "root" or record.name.startswith("fedreid_jax")
+  return record.levelno >= logging.ERROR and not ours
+
+
+class _ErrorsFile(logging.Handler):
+  """Appends the records kept out of the console, tracebacks included, to
+  `path` (opened per record, so nothing is created until there is one). A
+  write that fails (a full disk) is dropped silently: the console stays one line."""
+
+  def __init__(self, path: str):
+    super().__init__(logging.DEBUG)
+    self.path, self.written = path, 0
+    self.addFilter(_off_console)
+    self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      text = self.format(record) + "\n"
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(text)
+      self.written += 1
+    except Exception:  # never a "--- Logging error ---" traceback on the console
+      try:  # nor an empty file left by a full disk
+        if os.path.getsize(self.path) == 0:
+          os.remove(self.path)
+      except OSError:
+        pass
+
+
+def library_errors_to_file(workdir: str) -> "_ErrorsFile":
+  """Library errors (and our records marked `console=False`) go to
+  `<workdir>/errors.log` instead of the console: a failing write's tracebacks
+  from Orbax's threads no longer bury the run's one-line error. Call it after
+  `log_above_progress_bars`; returns the file's handler (`written`: records
+  it holds)."""
+  root = logging.getLogger()
+  for old in [h for h in root.handlers if isinstance(h, _ErrorsFile)]:
+    root.removeHandler(old)  # called again (in one process): one file
+  for handler in root.handlers:
+    if not any(f is _keep_on_console for f in handler.filters):
+      handler.addFilter(_keep_on_console)
+  errors = _ErrorsFile(os.path.join(workdir, "errors.log"))
+  root.addHandler(errors)
+  _uncaught_in_library_threads_to_log()
+  return errors
+
+
+def _uncaught_in_library_threads_to_log() -> None:
+  """Exceptions Python would print itself, outside the main thread (Orbax's
+  tensorstore callbacks, after the event loop they report to has closed;
+  TensorBoard's writer thread) or ignored (an atexit flush on a full disk),
+  become ERROR records of the `uncaught` logger: errors.log, not the console.
+  The main thread's uncaught exception (a bug) keeps its traceback."""
+  import threading
+  log = logging.getLogger("uncaught")
+  if getattr(sys.excepthook, "routes_threads", False):
+    return
+  default = sys.excepthook
+
+  def excepthook(kind, value, tb):
+    if threading.current_thread() is threading.main_thread():
+      return default(kind, value, tb)
+    log.error("uncaught in thread %s", threading.current_thread().name,
+              exc_info=(kind, value, tb))
+  excepthook.routes_threads = True
+
+  def thread_excepthook(args):
+    if args.exc_type is not SystemExit:
+      log.error("uncaught in thread %s", getattr(args.thread, "name", "?"),
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+  def unraisablehook(unraisable):
+    log.error("%s: %r", unraisable.err_msg or "Exception ignored in", unraisable.object,
+              exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+  sys.excepthook, threading.excepthook, sys.unraisablehook = (
+      excepthook, thread_excepthook, unraisablehook)
+
+
+def _keep_on_console(record: logging.LogRecord) -> bool:
+  return not _off_console(record)
+
+
 def quiet_backend_probe() -> None:
   """Drops JAX's "Unable to initialize backend 'tpu'" line (its probe for a
   TPU, logged at every start on machines without one); other backend
@@ -116,6 +204,7 @@ def main(argv):
   from fedreid_jax import hosts
   quiet_backend_probe()
   log_above_progress_bars()
+  library_errors_to_file(_WORKDIR.value)
   use_compilation_cache()
 
   def run():

@@ -3,13 +3,13 @@ records, the best model's export, and one clear line when the disk is full."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 
 import numpy as np
 
+from fedreid_jax import checkpoint as checkpoint_lib
 from fedreid_jax import export as export_lib
 from fedreid_jax.errors import DiskFull
 from fedreid_jax.federated import rounds as rounds_lib
@@ -81,16 +81,21 @@ def export_if_best(server, config, workdir: str, round_done: int, results: dict)
 @contextlib.contextmanager
 def disk_full_guard(workdir: str, checkpoints):
   """Turns 'no space left on device' anywhere in the loop into one line that
-  says what to do and where the run will resume (`checkpoints.saved`: the
-  newest finished checkpoint)."""
+  says what to do and where the run will resume. That round is read from the
+  disk as a rerun reads it (`checkpoint.resume_round`: the newest finished,
+  intact checkpoint), once `checkpoints` is closed: a write that finished
+  even though its checksums could not be written counts, one that failed
+  does not."""
   try:
     yield
   except OSError as e:
-    err = e
-    while err is not None and getattr(err, "errno", None) != errno.ENOSPC:
-      err = err.__cause__ or err.__context__
-    if err is None:
+    full = checkpoint_lib.full_disk_errors(e)
+    if not full:
       raise
-    where = getattr(err, "filename", None) or workdir
+    where = next((f.filename for f in full if f.filename), None) or workdir
+    try:
+      resumes = checkpoint_lib.resume_round(workdir)
+    except OSError:  # cannot read the workdir: the newest checkpoint this run finished
+      resumes = checkpoints.saved
     raise DiskFull(f"no space left on device while writing {where}; free space and rerun the "
-                   f"same command: it resumes from round {checkpoints.saved}") from e
+                   f"same command: it resumes from round {resumes}") from e

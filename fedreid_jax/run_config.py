@@ -91,11 +91,19 @@ def complete_lines(path: str) -> str:
 
 def record_changes(workdir: str, saved: dict | None, now: dict, after_round: int) -> dict:
   """Appends the fields changed since `saved` to run_history.jsonl (with the
-  round they apply after) and logs them; returns the changes."""
+  round they apply after) and logs them; returns the changes. No `saved`
+  config: a start (`"started"`) at round 0; after a checkpoint (`config.json`
+  was deleted) a resume whose changes are unknown (`"resumed"`,
+  `"config_json_missing"`)."""
   diff = changes(saved, now) if saved is not None else {}
   if saved is None or diff:
     entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "after_round": after_round}
-    entry.update({"started": True} if saved is None else {"changes": diff})
+    if saved is not None:
+      entry["changes"] = diff
+    elif after_round > 0:
+      entry.update(resumed=True, config_json_missing=True)
+    else:
+      entry["started"] = True
     path = os.path.join(workdir, "run_history.jsonl")
     write_atomic(path, complete_lines(path) + json.dumps(entry) + "\n")
   for key, (old, new) in diff.items():

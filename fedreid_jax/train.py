@@ -383,7 +383,12 @@ def _run_locked(config, workdir: str, clients_data, public) -> dict:
                         rounds_lib.global_variables(hosts.local_copy(exp.server)),
                         {"algorithm": config.fed.algorithm, "rounds": config.fed.rounds,
                          "data": config.data.name})
-  finally:
+  except BaseException:
     bar.close()
+    with contextlib.suppress(Exception):  # (a full disk again): the run's error is reported
+      writer.close()
+    raise
+  bar.close()
+  with disk_full_guard(workdir, ckpts):  # the last TensorBoard flush
     writer.close()
   return results

@@ -69,14 +69,20 @@ FILES = ("config.json", "metrics.jsonl", "results.json", "run_history.jsonl")
 
 def write_atomic(path: str, data: str | bytes) -> None:
   """Writes `data` to `path` under a temporary name (`<path>.tmp`), then renames
-  it over `path`: readers see the old file or the new one, never a part."""
+  it over `path`: readers see the old file or the new one, never a part. A
+  failed write (a full disk) removes its temporary."""
   tmp = path + ".tmp"
-  with open(tmp, "wb" if isinstance(data, bytes) else "w",
-            **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb" if isinstance(data, bytes) else "w",
+              **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:  # a full disk, a signal: no part of a file is left behind
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
 def is_temporary(name: str) -> bool:

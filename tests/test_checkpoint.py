@@ -1,8 +1,10 @@
 """Checkpoints written in the background: the saved state is the state at
 `save` even when the next round donates it, checksums describe finished
 writes only, a write's error surfaces in the loop, stops wait for the write."""
+import errno
 import json
 import os
+import re
 import signal
 import threading
 
@@ -154,8 +156,35 @@ def test_a_run_ending_on_its_own_error_reports_it_not_the_failing_write(tmp_path
   assert not (tmp_path / "checksums" / "1.json").exists()
 
 
-def test_a_full_disk_during_a_background_write_is_one_line_and_the_run_resumes(tmp_path,
-                                                                               monkeypatch):
+def _resumed_after(caplog) -> int:
+  """The round the run just logged resuming after (0: it started afresh)."""
+  found = re.findall(r"resumed from .* after round (\d+)", caplog.text)
+  return int(found[-1]) if found else 0
+
+
+def _console_of_the_cli(workdir, monkeypatch):
+  """Logging set up as the CLI sets it (console handler, library errors to
+  `<workdir>/errors.log`, uncaught exceptions of other threads logged), undone
+  by `monkeypatch`."""
+  import logging
+  import sys
+  import threading
+  from fedreid_jax import main
+  root = logging.getLogger()
+  monkeypatch.setattr(root, "handlers", list(root.handlers))
+  monkeypatch.setattr(root, "level", root.level)
+  for hook in ("excepthook", "unraisablehook"):
+    monkeypatch.setattr(sys, hook, getattr(sys, hook))
+  monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+  main.log_above_progress_bars()
+  main.library_errors_to_file(workdir)
+
+
+def test_a_full_disk_during_a_background_write_is_one_line_and_the_run_resumes(
+    tmp_path, monkeypatch, capfd, caplog):
+  """Orbax logs the failed write with tracebacks from its threads: they go to
+  errors.log, not the console; the round the message names is the one the
+  rerun resumes from."""
   cfg = fakes.tiny_config(**{"fed.rounds": 3, "eval.client_models": False})
   cfg.checkpoint_every = 1
   clients = fakes.fake_clients()
@@ -167,13 +196,21 @@ def test_a_full_disk_during_a_background_write_is_one_line_and_the_run_resumes(t
       raise ValueError(FULL_DISK)
   monkeypatch.setattr(checkpoint.Checkpoints, "_on_written", second_write_fails)
   workdir = str(tmp_path / "run")
-  with pytest.raises(errors.DiskFull) as e:
-    train.run(cfg, workdir, clients)
+  with monkeypatch.context() as logs:
+    _console_of_the_cli(workdir, logs)
+    with pytest.raises(errors.DiskFull) as e:
+      train.run(cfg, workdir, clients)
+    console = capfd.readouterr().err
   assert str(e.value) == (f"no space left on device while writing {workdir}/checkpoints/2; "
                           "free space and rerun the same command: it resumes from round 1")
+  assert "Traceback" not in console and "orbax" not in console, console[-3000:]
+  assert "Traceback" in (tmp_path / "run" / "errors.log").read_text()
   assert not (tmp_path / "run" / "checksums" / "2.json").exists()
   monkeypatch.undo()
-  train.run(cfg, workdir, clients)  # round 2's unfinished write (a temporary folder) is redone
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    train.run(cfg, workdir, clients)  # round 2's unfinished write (a temporary folder) is redone
+  assert _resumed_after(caplog) == 1
   assert [r["round"] for r in _records(workdir) if r["kind"] == "train"] == [1, 2, 3]
   with checkpoint.Checkpoints(workdir) as ckpts:
     assert ckpts.manager.all_steps() == [2, 3]
@@ -231,3 +268,49 @@ def test_a_damaged_step_is_deleted_on_fallback_and_saved_afresh(tmp_path, caplog
   with checkpoint.Checkpoints(str(tmp_path)) as ckpts, caplog.at_level("WARNING"):
     step, state = ckpts.restore_latest(_state(0))
   assert step == 2 and _equal(state, _state(22)) and "damaged" not in caplog.text
+
+
+def test_a_full_disk_after_the_write_finished_names_that_round(tmp_path, monkeypatch, caplog):
+  """The disk fills between the end of round 1's write and its checksum file
+  (a 0-byte `checksums/1.json.tmp` was left): the step is on disk, so the
+  message says round 1 (it said 0) and the rerun resumes from round 1; no
+  temporary is left."""
+  import fedreid_jax.workdir as workdir_lib
+  cfg = fakes.tiny_config(**{"fed.rounds": 3, "eval.client_models": False})
+  cfg.checkpoint_every = 1
+  clients = fakes.fake_clients()
+  real = workdir_lib.write_atomic
+
+  def full_at_checksums_of_1(path, data):
+    if path.endswith(os.path.join("checksums", "1.json")):
+      with open(path + ".tmp", "w"):  # created, then nothing fits
+        raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp")
+    return real(path, data)
+  monkeypatch.setattr(checkpoint, "write_atomic", full_at_checksums_of_1)
+  workdir = tmp_path / "run"
+  with pytest.raises(errors.DiskFull, match="it resumes from round 1$"):
+    train.run(cfg, str(workdir), clients)
+  monkeypatch.undo()
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    train.run(cfg, str(workdir), clients)
+  assert _resumed_after(caplog) == 1
+  assert not [p for p in workdir.rglob("*.tmp")]
+  assert [r["round"] for r in _records(workdir) if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_checksums_of_pruned_steps_are_removed(tmp_path):
+  """Orbax keeps the last `keep` steps; their checksums and stored config
+  fields go with them, when pruned and (older leftovers) at the next start."""
+  with checkpoint.Checkpoints(str(tmp_path), keep=2, meaning={"seed": 0}) as ckpts:
+    for step in (1, 2, 3, 4):
+      ckpts.save(step, _state(step))
+  names = lambda: sorted(p.name for p in (tmp_path / "checksums").iterdir())
+  assert names() == ["3.json", "3.meaning.json", "4.json", "4.meaning.json"]
+  for leftover in ("1.json", "2.meaning.json"):  # left by an earlier version
+    (tmp_path / "checksums" / leftover).write_text("{}")
+  (tmp_path / "checksums" / "notes.txt").write_text("not ours")
+  with checkpoint.Checkpoints(str(tmp_path), keep=2) as ckpts:
+    step, _ = ckpts.restore_latest(_state(0))
+  assert step == 4 and names() == ["3.json", "3.meaning.json", "4.json", "4.meaning.json",
+                                   "notes.txt"]

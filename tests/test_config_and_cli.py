@@ -256,7 +256,7 @@ def test_interrupted_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_pat
   assert _records(tmp_path / "resumed") == _records(tmp_path / "straight")
 
 
-def test_full_disk_is_one_line_saying_where_the_run_resumes(tmp_path, monkeypatch):
+def test_full_disk_is_one_line_saying_where_the_run_resumes(tmp_path, monkeypatch, caplog):
   import errno
   from fedreid_jax import errors
   from fedreid_jax.metric_writer import MetricWriter
@@ -276,3 +276,9 @@ def test_full_disk_is_one_line_saying_where_the_run_resumes(tmp_path, monkeypatc
                           "free space and rerun the same command: it resumes from round 1")
   best = json.loads((tmp_path / "run" / "export_best" / "model.json").read_text())
   assert best["round"] == 1 and best["metric"] == "rank1" and 0 <= best["score"] <= 1
+  monkeypatch.undo()  # the rerun resumes from the round the message named
+  assert checkpoint.resume_round(str(tmp_path / "run")) == 1
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    train.run(cfg, str(tmp_path / "run"), fakes.fake_clients())
+  assert f"resumed from {tmp_path / 'run'} after round 1" in caplog.text

@@ -259,6 +259,12 @@ def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
   with pytest.raises(OSError):
     workdir.write_atomic(str(path), "newer")
   assert path.read_text() == "new"
+  assert os.listdir(tmp_path) == ["results.json"]  # its temporary removed
+  monkeypatch.undo()
+  monkeypatch.setattr(os, "fsync", fail)  # the disk fills while writing
+  with pytest.raises(OSError):
+    workdir.write_atomic(str(path), b"x" * 100)
+  assert path.read_text() == "new" and os.listdir(tmp_path) == ["results.json"]
 
 
 def test_unreadable_best_export_is_replaced(tmp_path, caplog):
@@ -281,3 +287,57 @@ def test_run_history_line_cut_short_is_dropped_and_the_next_entry_intact(tmp_pat
   assert str(history) in caplog.text
   entries = [json.loads(line) for line in history.read_text().splitlines()]
   assert entries[0]["started"] and entries[1]["changes"] == {"fed.rounds": [2, 5]}
+
+
+def test_run_history_records_a_resume_without_config_json_as_a_resume(tmp_path):
+  now = json.loads(fakes.tiny_config().to_json())
+  run_config.record_changes(str(tmp_path), None, now, after_round=0)
+  run_config.record_changes(str(tmp_path), None, now, after_round=3)  # config.json deleted
+  entries = [json.loads(line) for line in (tmp_path / "run_history.jsonl").read_text().splitlines()]
+  assert entries[0]["started"] and entries[0]["after_round"] == 0
+  assert entries[1]["resumed"] and entries[1]["config_json_missing"]
+  assert entries[1]["after_round"] == 3 and "started" not in entries[1]
+
+
+GENERATE = """
+import sys
+sys.path.insert(0, "tests")
+from fedreid_jax.data import synthetic as S
+import dataclasses
+S.ensure_synthetic(sys.argv[1], image_size=(16, 8), domains=[dataclasses.replace(
+    S.DOMAINS[2], train_ids=400, test_ids=10)], public=dataclasses.replace(S.PUBLIC, train_ids=4))
+"""
+
+
+def test_a_killed_generation_leaves_no_temporary_at_the_next_start(tmp_path):
+  """kill -9 during synthetic data generation: its `.tmp-*` folder is removed
+  at the next start (its owner lock is free), a live generation's is not."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  from fedreid_jax.data import synthetic
+  base = tmp_path / "synthetic"
+  proc = subprocess.Popen([sys.executable, "-c", GENERATE, str(tmp_path)], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  deadline, tmp = time.time() + 120, []
+  while time.time() < deadline and proc.poll() is None:
+    tmp = list(base.glob(".*.tmp-*")) if base.is_dir() else []
+    if tmp and sum(1 for _ in tmp[0].rglob("*.png")) >= 20:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None and tmp, "the generation ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  killed = tmp[0]
+  tag = killed.name[1:].split(".tmp-")[0]
+  live = base / f".{tag}.tmp-live"  # another process generating now: its lock is held
+  live.mkdir()
+  owner = synthetic._claim(live)
+  try:
+    synthetic._remove_stale_temporaries(base, tag)
+    assert not killed.exists() and live.is_dir()
+  finally:
+    os.close(owner)
+  synthetic._remove_stale_temporaries(base, tag)  # its owner gone too: removed
+  assert not live.exists()

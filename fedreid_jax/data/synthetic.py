@@ -51,6 +51,7 @@ of CPU (~4.5 ms per image, 6573 images).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -350,15 +351,46 @@ def read_manifest(folder: Path, seed: int, image_size: tuple[int, int]) -> dict 
   return m
 
 
+OWNER = ".owner.lock"  # in a temporary folder: flock-ed by the process generating into it
+
+
+def _claim(tmp: Path) -> int:
+  """Marks `tmp` as being written by this process: an exclusive flock on
+  `tmp/OWNER`, held until the returned descriptor is closed (the kernel
+  releases it when the process dies, kill -9 included)."""
+  fd = os.open(tmp / OWNER, os.O_RDWR | os.O_CREAT, 0o644)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new folder: nobody else holds it
+  os.write(fd, f"{os.getpid()}\n".encode())
+  return fd
+
+
 def _remove_stale_temporaries(base: Path, tag: str, max_age_s: float = 6 * 3600) -> None:
-  """Deletes temporary folders of crashed runs (older than `max_age_s`)."""
+  """Deletes the temporary folders of killed generations: one whose owner lock
+  (`OWNER`) nobody holds any more at once, one without it (an older version's,
+  or one being created or installed this instant) once older than
+  `max_age_s`. A folder another live process is writing is never touched."""
   now = time.time()
   for p in base.glob(f".{tag}.*-*"):
     try:
-      if p.is_dir() and now - p.stat().st_mtime > max_age_s:
-        shutil.rmtree(p, ignore_errors=True)
-    except OSError:
-      pass
+      if not p.is_dir():
+        continue
+      if not (p / OWNER).exists():
+        if now - p.stat().st_mtime > max_age_s:
+          shutil.rmtree(p, ignore_errors=True)
+        continue
+      fd = os.open(p / OWNER, os.O_RDONLY)
+    except OSError:  # gone meanwhile (installed or removed by its owner)
+      continue
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: its owner is alive and generating
+      os.close(fd)
+      continue
+    try:  # ours now: its owner died
+      log.info("removing %s, left by a generation that was stopped", p)
+      shutil.rmtree(p, ignore_errors=True)
+    finally:
+      os.close(fd)
 
 
 def _install(tmp: Path, folder: Path) -> None:
@@ -394,6 +426,8 @@ def ensure_synthetic(data_root: str | Path, seed: int = 0, image_size: tuple[int
   specs = resolve_domains(domains) + [public]
   base = Path(data_root) / "synthetic"
   folder = base / version_tag(seed, image_size)
+  if base.is_dir():  # a killed generation's temporary, whether or not we generate now
+    _remove_stale_temporaries(base, folder.name)
   manifest = read_manifest(folder, seed, image_size)
   entries = manifest["domains"] if manifest else {}
   if manifest and all(_domain_ok(folder, entries.get(s.name), s) for s in specs):
@@ -408,8 +442,8 @@ def ensure_synthetic(data_root: str | Path, seed: int = 0, image_size: tuple[int
   keep = {n: e for n, e in keep.items() if (folder / n).is_dir()}
   todo = [s for s in specs if s.name not in keep]
   base.mkdir(parents=True, exist_ok=True)
-  _remove_stale_temporaries(base, folder.name)
   tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=base))
+  owner = _claim(tmp)
   try:
     log.info("generating synthetic re-ID benchmark (%s: %s) into %s",
              folder.name, ", ".join(s.name for s in todo), folder)
@@ -427,10 +461,12 @@ def ensure_synthetic(data_root: str | Path, seed: int = 0, image_size: tuple[int
                 "image_size": list(image_size), "format": "png", "domains": out}
     (tmp / (MANIFEST + ".part")).write_text(json.dumps(manifest, indent=1))
     os.replace(tmp / (MANIFEST + ".part"), tmp / MANIFEST)
+    os.remove(tmp / OWNER)  # (still held: nobody removes the folder before it is installed)
     _install(tmp, folder)
     log.info("wrote synthetic benchmark %s", folder)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+    os.close(owner)
   return folder
 
 
