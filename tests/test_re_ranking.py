@@ -82,6 +82,8 @@ CASES = [  # seed, ids, Q, G, k1, k2, lambda
     (2, 4, 20, 60, 7, 3, 0.5),
     (3, 5, 15, 45, 5, 1, 0.0),   # k2 = 1: no query expansion; odd k1 (round half to even)
     (4, 6, 20, 60, 30, 12, 1.0),
+    (9, 3, 10, 30, 3, 8, 0.3),   # k2 > k1 + 1: longer neighbour lists
+    (10, 2, 2, 3, 20, 6, 0.3),   # fewer items than k1 + 1
 ]
 
 
