@@ -144,7 +144,7 @@ def test_parameters_refused():
     with pytest.raises(ValueError):
       re_ranking(q, q, q, **kwargs)
   with pytest.raises(ValueError):
-    next(re_ranking_from_features(q, q, chunk=0))
+    re_ranking_from_features(q, q, chunk=0)
 
 
 def test_empty_query():

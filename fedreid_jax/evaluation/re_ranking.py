@@ -279,10 +279,10 @@ def re_ranking_from_features(query: Any, gallery: Any, k1: int = 20, k2: int = 6
     k1, k2, lambda_value: as in `re_ranking`.
     chunk: rows per step, both for the neighbour pass and for the output.
   """
-  ranker = _ReRanker(query, gallery, k1, k2, lambda_value, chunk)
-  size = min(chunk, ranker.num_query)
-  for start in range(0, ranker.num_query, max(size, 1)):
-    yield start, ranker.rows(start, min(size, ranker.num_query - start))
+  ranker = _ReRanker(query, gallery, k1, k2, lambda_value, chunk)  # now: errors at the call
+  num_query = ranker.num_query
+  return ((start, ranker.rows(start, min(chunk, num_query - start)))
+          for start in range(0, num_query, chunk))
 
 
 def evaluate_re_ranking(query_feats: Any, gallery_feats: Any, q_pids: Any, g_pids: Any,
