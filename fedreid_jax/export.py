@@ -14,6 +14,11 @@ size, f(img) + f(flip(img)), L2-normalised.
     python -m fedreid_jax.export --model runs/demo/export --query q/ --gallery g/ [--top 5]
 
 prints, for each query image, the `--top` gallery images by cosine similarity.
+
+    python -m fedreid_jax.export --model runs/demo/export --onnx reid.onnx [--onnx-batch 32]
+
+writes the same feature extractor as an ONNX graph (`fedreid_jax.onnx_export`;
+needs the `onnx` extra).
 """
 from __future__ import annotations
 
@@ -92,6 +97,11 @@ def load(folder: str | Path, batch_size: int = 128) -> ExportedModel:
   except (OSError, ValueError) as e:  # ValueError: not JSON / not msgpack
     raise UserError(f"the exported model in {str(folder)!r} is damaged ({type(e).__name__}: "
                     f"{e}); export it again (a run writes <workdir>/export at its end)") from None
+  found = meta.get("format") if isinstance(meta, dict) else None
+  if found != FORMAT:
+    raise UserError(f"the exported model in {str(folder)!r} has format {found!r}; this "
+                    f"version of fedreid_jax reads format {FORMAT}: export it again with "
+                    "this version (a run writes <workdir>/export at its end)")
   return ExportedModel(meta, jax.tree.map(jnp.asarray, variables), batch_size)
 
 
@@ -102,9 +112,20 @@ def rank(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
 
 def check_arguments(args: argparse.Namespace) -> None:
   """Raises UserError (one line) for a missing `--model`/`--query`/`--gallery`
-  folder, a file given for one, or a `--top` below 1."""
+  folder, a file given for one, a `--top` below 1; with `--onnx`, a negative
+  `--onnx-batch` or an output whose folder does not exist or that is a folder."""
+  if getattr(args, "onnx", None) is not None:
+    parent = os.path.dirname(os.path.abspath(args.onnx))
+    if os.path.isdir(args.onnx):
+      raise UserError(f"--onnx {args.onnx!r} is a folder; pass a file name (model.onnx)")
+    if not os.path.isdir(parent):
+      raise UserError(f"--onnx {args.onnx!r}: its folder {parent!r} does not exist")
+    if args.onnx_batch < 0:
+      raise UserError(f"--onnx-batch {args.onnx_batch}: pass 0 (any batch size) or more")
   for flag in ("model", "query", "gallery"):
     path = getattr(args, flag)
+    if path is None:  # --onnx: no query or gallery
+      continue
     if not os.path.exists(path):
       raise UserError(f"--{flag} {path!r} does not exist; pass a folder")
     if not os.path.isdir(path):
@@ -123,13 +144,30 @@ class OneLineParser(argparse.ArgumentParser):
 def main(argv=None) -> int:
   p = OneLineParser(prog="python -m fedreid_jax.export", description=__doc__.split("\n")[0])
   p.add_argument("--model", required=True, help="an exported model folder (<workdir>/export)")
-  p.add_argument("--query", required=True, help="folder of query images")
-  p.add_argument("--gallery", required=True, help="folder of gallery images")
+  p.add_argument("--query", help="folder of query images (required unless --onnx)")
+  p.add_argument("--gallery", help="folder of gallery images (required unless --onnx)")
   p.add_argument("--top", type=int, default=5, help="gallery images listed per query (>= 1)")
+  p.add_argument("--onnx", metavar="FILE", help="write the model as an ONNX graph to FILE "
+                 "(uint8 [N, H, W, 3] at the model's size -> unit-norm features) and stop")
+  p.add_argument("--onnx-batch", type=int, default=0, metavar="B",
+                 help="the ONNX graph's batch size: 0 (default) any N, one image at a time; "
+                 "B a fixed batch of B, one batched pass (faster)")
   args = p.parse_args(argv)
+  if args.onnx is None:
+    missing = [f"--{flag}" for flag in ("query", "gallery") if getattr(args, flag) is None]
+    if missing:
+      p.error(f"the following arguments are required: {', '.join(missing)}")
   try:
     check_arguments(args)
     model = load(args.model)
+    if args.onnx is not None:
+      from fedreid_jax import onnx_export  # jax2onnx: an optional dependency
+      onnx_export.to_onnx(model, args.onnx, args.onnx_batch)
+      print(f"wrote {args.onnx}: input {onnx_export.INPUT!r} uint8 "
+            f"[{args.onnx_batch or 'N'}, {model.image_size[0]}, {model.image_size[1]}, 3], "
+            f"output {onnx_export.OUTPUT!r} float32 [{args.onnx_batch or 'N'}, "
+            f"{model.meta['model']['embed_dim']}]")
+      return 0
     q_names, q = model.embed_folder(args.query)
     g_names, g = model.embed_folder(args.gallery)
   except UserError as e:
