@@ -13,8 +13,9 @@ Batch size: with `--onnx-batch 0` (the default) N is free; the graph is then
 an ONNX `Loop` over the images one at a time, because jax2onnx 0.17.1 cannot
 lower a `Pad` (the stem's max pool) with a symbolic batch dimension. With
 `--onnx-batch B` the graph takes exactly B images in one batched pass (pad a
-short last batch): about 2.5x faster in onnxruntime on CPU (ResNet-50,
-256x128, 8 images, 2 cores: 2.9 s batched, 7.4 s looped; JAX itself 2.7 s).
+short last batch): about 4x faster in onnxruntime on CPU (ResNet-50,
+256x128, 8 images, a busy 2-core VM: 2.3 s batched, 9.4 s looped; JAX
+`features` 1.7 s). Either graph file is ~99 MB for ResNet-50.
 
 The conversion is jax2onnx's (an optional dependency: `pip install -e ".[onnx]"`).
 The model is traced with `conv_impl="patches"`: jax2onnx turns every
