@@ -145,8 +145,8 @@ def library_errors_to_file(workdir: str) -> "_ErrorsFile":
   root = logging.getLogger()
   for old in [h for h in root.handlers if isinstance(h, _ErrorsFile)]:
     root.removeHandler(old)  # called again (in one process): one file
-  for handler in root.handlers:
-    if not any(f is _keep_on_console for f in handler.filters):
+  for handler in root.handlers:  # the console's (not, say, a test's log capture)
+    if isinstance(handler, _AboveProgressBars) and _keep_on_console not in handler.filters:
       handler.addFilter(_keep_on_console)
   errors = _ErrorsFile(os.path.join(workdir, "errors.log"))
   root.addHandler(errors)
