@@ -33,6 +33,11 @@ def _report(columns: dict, config, run_dir: str) -> str:
                                  os.path.join(run_dir, "convergence.png"))
 
 
+def baseline_dir(workdir: str, baseline: str) -> str:
+  """Where the suite runs `baseline`."""
+  return os.path.join(workdir, f"baseline_{baseline}")
+
+
 def _with_algorithm(config, algorithm: str):
   """A copy of `config` running `algorithm` (a baseline of the suite)."""
   sub_cfg = config.copy_and_resolve_references()
@@ -50,6 +55,10 @@ def run(config, workdir: str) -> str:
 
 def _run_locked(config, workdir: str) -> str:
   from fedreid_jax.evaluation import report
+  train.check_resume(config, workdir)  # another run's workdir: refused before the data
+  for baseline in config.baselines:
+    if baseline != config.fed.algorithm:
+      train.check_resume(_with_algorithm(config, baseline), baseline_dir(workdir, baseline))
   clients_data, public = registry.load(config.data, config.seed)
   for algorithm in (config.fed.algorithm, *config.baselines):  # bad input before any training
     sub_cfg = _with_algorithm(config, algorithm)
@@ -63,7 +72,7 @@ def _run_locked(config, workdir: str) -> str:
     if baseline == config.fed.algorithm:
       continue
     sub_cfg = _with_algorithm(config, baseline)
-    sub_dir = os.path.join(workdir, f"baseline_{baseline}")
+    sub_dir = baseline_dir(workdir, baseline)
     logging.info("baseline %s -> %s", baseline, sub_dir)
     sub = result_columns(label(baseline), train.run(sub_cfg, sub_dir, clients_data, public))
     if hosts.is_main():  # process 0 writes the tables and plots

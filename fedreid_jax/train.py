@@ -331,17 +331,27 @@ def run(config, workdir: str, clients_data=None, public=None) -> dict:
     return _run_locked(config, workdir, clients_data, public)
 
 
+def check_resume(config, workdir: str) -> dict | None:
+  """Refuses (one line), before any data is loaded or generated, a launch whose
+  config means another run than the checkpoints in `workdir`: checked against
+  its `config.json`, and against the fields stored with each checkpoint even
+  when that file was deleted. Returns the saved config (None when no
+  checkpoint binds the workdir: a launch that never got to one)."""
+  now = json.loads(config.to_json())
+  saved = checkpoint.load_saved_config(workdir) if checkpoint.has_checkpoint(workdir) else None
+  if saved is not None:
+    run_config.check_meaning(saved, now, workdir)
+  stored = checkpoint.saved_meaning(workdir)
+  if stored is not None:
+    run_config.check_meaning(stored, now, workdir)
+  return saved
+
+
 def _run_locked(config, workdir: str, clients_data, public) -> dict:
   if hosts.is_main():
     remove_temporaries(workdir)  # left by a killed run
   now = json.loads(config.to_json())
-  # a launch that never got to a checkpoint binds nothing
-  saved = checkpoint.load_saved_config(workdir) if checkpoint.has_checkpoint(workdir) else None
-  if saved is not None:
-    run_config.check_meaning(saved, now, workdir)
-  stored = checkpoint.saved_meaning(workdir)  # checked even when config.json was deleted
-  if stored is not None:
-    run_config.check_meaning(stored, now, workdir)
+  saved = check_resume(config, workdir)
   if clients_data is None:
     clients_data, public = registry.load(config.data, config.seed)
   logging.info("clients: %s", ", ".join(f"{c.name} ({len(c.train)} imgs, {c.num_train_ids} ids)"

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 import fakes
-from fedreid_jax import checkpoint, config_lib, train
+from fedreid_jax import checkpoint, config_lib, experiment, train
+from fedreid_jax.data import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +61,7 @@ def test_unwritable_workdir(tmp_path):
     config_lib.check_workdir(str(blocker / "sub"))
 
 
-def test_resume_continues_and_other_config_is_refused(tmp_path):
+def test_resume_continues_and_other_config_is_refused(tmp_path, monkeypatch):
   cfg = fakes.tiny_config()
   cfg.fed.rounds = 1
   cfg.eval.client_models = False
@@ -80,6 +81,12 @@ def test_resume_continues_and_other_config_is_refused(tmp_path):
   seeded.seed = 5  # same shapes, another run: caught from config.json
   with pytest.raises(checkpoint.CheckpointMismatch, match="seed: saved 0 vs now 5"):
     train.run(seeded, workdir, clients)
+
+  def never(*args):
+    raise AssertionError("data loaded (generated) before the refusal")
+  monkeypatch.setattr(registry, "load", never)  # the suite's entry: refused before its data
+  with pytest.raises(checkpoint.CheckpointMismatch, match="seed: saved 0 vs now 5"):
+    experiment.run(seeded, workdir)
   with open(os.path.join(workdir, "run_history.jsonl")) as f:
     history = [json.loads(line) for line in f]
   assert history[0]["started"] and history[1]["after_round"] == 1
