@@ -21,7 +21,11 @@ from fedreid_jax.workdir import write_atomic
 
 MEANING_FIELDS = ("seed", "data.name", "data.clients", "data.scenario", "data.scenario_clients",
                   "data.image_size", "fed.algorithm", "train.batch_size", "cdw.form", "cdw.mode",
-                  "kd.mode")
+                  "kd.mode",
+                  # the model's shapes: a checkpoint of another model cannot be restored, so
+                  # the launch is refused here, before any data is loaded or model built
+                  "model.backbone", "model.width", "model.embed_dim", "model.last_stride",
+                  "model.small_stem")
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

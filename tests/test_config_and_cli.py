@@ -74,8 +74,8 @@ def test_resume_continues_and_other_config_is_refused(tmp_path, monkeypatch):
     rounds = [json.loads(line)["round"] for line in f if '"train"' in line]
   assert rounds == [1, 2]
   other = fakes.tiny_config()
-  other.model.width = 8  # other shapes: caught from the checkpoint itself
-  with pytest.raises(checkpoint.CheckpointMismatch, match=r"another model .* e\.g\. .*backbone"):
+  other.model.width = 8  # other shapes: refused from the saved config, before building
+  with pytest.raises(checkpoint.CheckpointMismatch, match="model.width: saved 4 vs now 8"):
     train.run(other, workdir, clients)
   seeded = fakes.tiny_config(**{"fed.rounds": 2})
   seeded.seed = 5  # same shapes, another run: caught from config.json
@@ -93,6 +93,12 @@ def test_resume_continues_and_other_config_is_refused(tmp_path, monkeypatch):
   assert history[1]["changes"] == {"fed.rounds": [1, 2]}
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # nothing lost
   assert os.path.exists(os.path.join(workdir, "export", "model.json"))
+  os.remove(os.path.join(workdir, "config.json"))  # nothing states the config any more:
+  for name in os.listdir(os.path.join(workdir, "checksums")):  # the checkpoint's shapes do
+    if name.endswith(".meaning.json"):
+      os.remove(os.path.join(workdir, "checksums", name))
+  with pytest.raises(checkpoint.CheckpointMismatch, match=r"another model .* e\.g\. .*backbone"):
+    train.run(other, workdir, clients)
 
 
 def test_conv_impl_and_dtype_do_not_block_a_resume(tmp_path):
