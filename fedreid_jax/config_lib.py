@@ -14,6 +14,7 @@ from fedreid_jax.errors import ConfigError
 from fedreid_jax.federated import algorithm as algorithm_lib
 from fedreid_jax.federated import baselines, cdw, failures, kd, strategies
 from fedreid_jax.federated import registry as algorithm_registry
+from fedreid_jax.federated import sampling
 from fedreid_jax.models import conv, pretrained, resnet
 from fedreid_jax.models.reid import build_model
 
@@ -172,6 +173,9 @@ def validate(config) -> None:
     section, key = field.split(".")
     _positive(config[section][key], field)
   _positive(config.fed.clients_per_round, "fed.clients_per_round", allow_zero=True)
+  count = registry.expected_clients(config.data)  # known before any data is loaded
+  if count is not None and config.fed.clients_per_round >= 1:
+    sampling.num_selected(config.fed.clients_per_round, count)  # one line when too many
   failures.check(**failures.settings(config.fed))  # the round's count: when the data is known
   baselines.check_settings(config)  # prox.mu, server_opt (absent in older saved configs)
   hosts.check_settings(config)

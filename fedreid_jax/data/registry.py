@@ -37,6 +37,22 @@ def names() -> tuple[str, ...]:
   return tuple(_BENCHMARKS)
 
 
+def expected_clients(data_cfg) -> int | None:
+  """How many clients `load` will give, known from the config alone (None for
+  `by_camera`, whose count is the dataset's cameras)."""
+  if data_cfg.scenario == "by_identity":
+    return int(data_cfg.scenario_clients)
+  if data_cfg.scenario != "by_dataset":
+    return None
+  if data_cfg.clients:
+    return len(data_cfg.clients)
+  if data_cfg.name == "synthetic":
+    from fedreid_jax.data import synthetic
+    return len(synthetic.DOMAIN_NAMES)
+  from fedreid_jax.data import source
+  return len(source.CLIENT_DATASETS)
+
+
 def load(data_cfg, seed: int) -> tuple[list[ClientData], ReIDSplit | None]:
   """Clients (filtered by `data_cfg.clients` when set) and the public set."""
   if data_cfg.name not in _BENCHMARKS:
