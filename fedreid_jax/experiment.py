@@ -60,11 +60,11 @@ def _run_locked(config, workdir: str) -> str:
     if baseline != config.fed.algorithm:
       train.check_resume(_with_algorithm(config, baseline), baseline_dir(workdir, baseline))
   clients_data, public = registry.load(config.data, config.seed)
-  for algorithm in (config.fed.algorithm, *config.baselines):  # bad input before any training
-    sub_cfg = _with_algorithm(config, algorithm)
-    checks.check_input(sub_cfg, config_lib.describe_algorithm(algorithm, config), clients_data,
-                       public)
-  label = lambda name: config_lib.describe_algorithm(name, config).label
+  described = {name: config_lib.describe_algorithm(name, config)
+               for name in (config.fed.algorithm, *config.baselines)}
+  for name, algorithm in described.items():  # bad input before any training
+    checks.check_input(_with_algorithm(config, name), algorithm, clients_data, public)
+  label = lambda name: described[name].label
   columns = result_columns(label(config.fed.algorithm),
                            train.run(config, workdir, clients_data, public))
   plots = []

@@ -236,10 +236,11 @@ class Experiment:
     server = self.stages.aggregate(server, trained, weights, jnp.int32(place.first(ids, first)))
     clients = place.write_back(clients, trained, ids)
     metrics, measured, weights = place.of_selected((metrics, measured, weights), ids)
-    record = round_record([self.clients_data[c].name for c in ids], metrics, measured, weights)
+    names = [self.clients_data[c].name for c in ids]
+    record = round_record(names, metrics, measured, weights)
     record.update(getattr(self.execute, "report", dict)())  # `devices`: the schedule
     if failures_lib.active(self.config.fed):
-      record.update(failures_lib.record(plan, [self.clients_data[c].name for c in ids], ids))
+      record.update(failures_lib.record(plan, names, ids))
     return RunState(server, clients), record
 
   def measurement_batches(self, own: list[int], round_index: int) -> dict:

@@ -1,10 +1,25 @@
 """Tiny in-memory federated re-ID data for engine tests."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import ml_collections
 import numpy as np
 
 from fedreid_jax.data.base import ClientData, split_from_arrays
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, timeout=600) -> subprocess.CompletedProcess:
+  """`python -m fedreid_jax.main *args` from the repository root on the CPU,
+  output captured (not a terminal)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "fedreid_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def fake_client(name: str, num_ids: int, per_id: int, seed: int, size=(32, 16)) -> ClientData:

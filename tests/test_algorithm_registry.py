@@ -5,8 +5,6 @@ against hand computations, and the round-level mean invariant for the
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,7 @@ from fedreid_jax.federated.state import ClientStates, ServerState
 from fedreid_jax.models.reid import build_model
 from test_engine import assert_server_is_weighted_mean
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = fakes.ROOT
 BUILT_IN = ("local", "fedpav", "fedpav_kd", "fedpav_cdw", "fedpav_kd_cdw", "fedavg", "centralised")
 
 
@@ -158,11 +156,8 @@ def test_round_invariant_for_sharded_and_devices(strategy):
 @pytest.mark.slow
 def test_plugin_algorithm_from_its_own_config_file_runs_from_the_cli(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run(
-      [sys.executable, "-m", "fedreid_jax.main", "--config", "tests/configs/plugin_algorithm.py",
-       "--workdir", str(workdir), f"--config.data.root={tmp_path / 'data'}"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  out = fakes.cli("--config", "tests/configs/plugin_algorithm.py", "--workdir", str(workdir),
+                  f"--config.data.root={tmp_path / 'data'}", timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["round"] for r in records if r["kind"] == "train"] == [1, 2]

@@ -2,8 +2,6 @@
 another config's state."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -11,13 +9,7 @@ import fakes
 from fedreid_jax import checkpoint, config_lib, experiment, train
 from fedreid_jax.data import registry
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cli(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "fedreid_jax.main", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+cli = fakes.cli
 
 
 @pytest.mark.parametrize("field, value, expected", [

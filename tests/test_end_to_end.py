@@ -17,12 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_default_config_two_rounds_via_cli(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run(
-      [sys.executable, "-m", "fedreid_jax.main", "--config", "configs/synthetic.py",
-       "--workdir", str(workdir), "--config.fed.rounds=2", "--config.eval.every_rounds=1",
-       f"--config.data.root={tmp_path / 'data'}"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  out = fakes.cli("--config", "configs/synthetic.py", "--workdir", str(workdir),
+                  "--config.fed.rounds=2", "--config.eval.every_rounds=1",
+                  f"--config.data.root={tmp_path / 'data'}", timeout=1200)
   assert out.returncode == 0, out.stderr[-3000:]
   # output to a file: no progress-bar refreshes, one log line a round
   assert "local steps" not in out.stderr and "\r" not in out.stderr

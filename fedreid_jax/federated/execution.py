@@ -90,8 +90,7 @@ class ClientSteps:
     self.step = jit_counted("serial/step", one, donate_argnums=0)
     self.chunk = jit_counted("serial/chunk", full, donate_argnums=0)
     self.take = jit_counted("serial/take", params_lib.take_client)
-    self.put = jit_counted("serial/put", lambda full_state, lane, one_state: jax.tree.map(
-        lambda f, o: f.at[lane].set(o), full_state, one_state), donate_argnums=0)
+    self.put = jit_counted("serial/put", params_lib.put_client, donate_argnums=0)
 
   def pieces(self, state, shared, stream: Iterator[dict], num_steps: int):
     """Trains one client (`state` without the client axis, donated) for

@@ -52,6 +52,11 @@ def take_client(stacked, index):
   return jax.tree.map(lambda x: x[index], stacked)
 
 
+def put_client(stacked, index, one):
+  """`stacked` `[S, ...]` with client `index`'s row replaced by `one` `[...]`."""
+  return jax.tree.map(lambda x, o: x.at[index].set(o), stacked, one)
+
+
 def where_rows(mask: jax.Array, new, old):
   """Leaves `[C, ...]`: `new`'s row where `mask` `[C]` is True, `old`'s elsewhere."""
   return jax.tree.map(

@@ -84,8 +84,7 @@ class Rows:
   def __init__(self, stages, num_clients: int, topology=ONE_PROCESS):
     self.stages, self.num_clients, self.topology = stages, num_clients, topology
     self._take = jit_counted("rows/take", params_lib.take_client)
-    self._put = jit_counted("rows/put", lambda block, lane, one: jax.tree.map(
-        lambda f, o: f.at[lane].set(o), block, one), donate_argnums=0)
+    self._put = jit_counted("rows/put", params_lib.put_client, donate_argnums=0)
     self._restore = jit_counted("rows/restore", params_lib.where_rows)
 
   def mask(self, ids: np.ndarray) -> np.ndarray:
