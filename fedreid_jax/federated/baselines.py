@@ -25,7 +25,7 @@ import optax
 
 from fedreid_jax.errors import ConfigError
 from fedreid_jax.federated import algorithm as alg_lib
-from fedreid_jax.federated.registry import register_algorithm
+from fedreid_jax.federated.registry import composed, register_algorithm
 
 PROX_DEFAULTS = {"mu": 0.01}
 # lr None: the algorithm's own default (SERVER_LR); eps is the paper's tau.
@@ -208,15 +208,6 @@ def _fedbn_cdw(algorithm, config, model):
 # --- Registration ----------------------------------------------------------
 
 
-def _composed(base, *combinators):
-  def factory(config, model):
-    out = base(config, model)
-    for combine in combinators:
-      out = combine(out, config, model)
-    return out
-  return factory
-
-
 BASES = {"fedprox": fedprox, "fedavgm": _with_server("fedavgm"),
          "fedadagrad": _with_server("fedadagrad"), "fedadam": _with_server("fedadam"),
          "fedyogi": _with_server("fedyogi"), "fedbn": fedbn}
@@ -232,4 +223,4 @@ NAMES = tuple(f"{base}{suffix}" for base in BASES for suffix, _ in _combinations
 
 for _base, _factory in BASES.items():
   for _suffix, _combinators in _combinations(_base):
-    register_algorithm(f"{_base}{_suffix}", _composed(_factory, *_combinators))
+    register_algorithm(f"{_base}{_suffix}", composed(_factory, *_combinators))

@@ -80,10 +80,11 @@ def build_algorithm(name: str, config, model) -> Algorithm:
   return built
 
 
-def _composed(*combinators) -> Factory:
-  """FedPav with `combinators` applied in order (each `(algorithm, config, model)`)."""
+def composed(base: Factory, *combinators) -> Factory:
+  """The factory of `base` with `combinators` applied in order (each
+  `(algorithm, config, model) -> algorithm`, e.g. `algorithm.with_kd`)."""
   def factory(config, model):
-    out = alg_lib.fedpav(config)
+    out = base(config, model)
     for combine in combinators:
       out = combine(out, config, model)
     return out
@@ -93,9 +94,9 @@ def _composed(*combinators) -> Factory:
 for _name, _factory in (
     ("local", alg_lib.local),
     ("fedpav", alg_lib.fedpav),
-    ("fedpav_kd", _composed(alg_lib.with_kd)),
-    ("fedpav_cdw", _composed(alg_lib.with_cdw)),
-    ("fedpav_kd_cdw", _composed(alg_lib.with_kd, alg_lib.with_cdw)),
+    ("fedpav_kd", composed(alg_lib.fedpav, alg_lib.with_kd)),
+    ("fedpav_cdw", composed(alg_lib.fedpav, alg_lib.with_cdw)),
+    ("fedpav_kd_cdw", composed(alg_lib.fedpav, alg_lib.with_kd, alg_lib.with_cdw)),
     ("fedavg", alg_lib.fedavg),
     ("centralised", alg_lib.centralised)):
   register_algorithm(_name, _factory)
