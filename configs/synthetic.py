@@ -139,6 +139,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.rr_lambda = 0.3
   c.eval.aqe_k = 0
   c.eval.aqe_alpha = 3.0
+  # Clients held out of training, scored by the global model (docs/evaluation_and_report.md).
+  c.eval.unseen = ()
 
   # Other algorithms run after the main one, same data and seed, each in
   # <workdir>/baseline_<name> (the suite: docs/algorithms.md).

@@ -9,6 +9,7 @@ import tempfile
 
 from fedreid_jax import hosts
 from fedreid_jax.data import registry
+from fedreid_jax.data import unseen
 from fedreid_jax.errors import ConfigError
 
 from fedreid_jax.federated import algorithm as algorithm_lib
@@ -177,6 +178,7 @@ def validate(config) -> None:
   if count is not None and config.fed.clients_per_round >= 1:
     sampling.num_selected(config.fed.clients_per_round, count)  # one line when too many
   failures.check(**failures.settings(config.fed))  # the round's count: when the data is known
+  unseen.check_config(config)  # eval.unseen (absent in older saved configs): names, count
   baselines.check_settings(config)  # prox.mu, server_opt (absent in older saved configs)
   hosts.check_settings(config)
   _devices(config.fed.num_devices)

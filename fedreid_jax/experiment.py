@@ -19,6 +19,8 @@ def result_columns(label: str, results: dict) -> dict:
       cols[f"{label} (client models)"] = results["client"]
   else:
     cols[label] = results["client"]
+  if "unseen" in results:  # eval.unseen: the global model on clients that never trained
+    cols[f"{label} (unseen domains)"] = results["unseen"]
   return cols
 
 

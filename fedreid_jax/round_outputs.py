@@ -39,10 +39,11 @@ def round_record(names, metrics: dict, measured: dict, weights) -> dict[str, flo
 
 
 def flatten_eval(results: dict, global_prefix: str = "eval") -> dict[str, float]:
-  """`{kind: {client: {metric: value}}}` -> `{"<prefix>/<client>/<metric>": value}`:
-  the plain metrics (`METRICS`), then any others the evaluation added (the
+  """`{kind: {client: {metric: value}}}` -> `{"<prefix>/<client>/<metric>": value}`
+  (kinds global, client and unseen: prefixes `global_prefix`, eval_client and
+  eval_unseen): the plain metrics (`METRICS`), then any others the evaluation added (the
   re-ranked `*_rr` and query-expanded `*_aqe` ones when configured)."""
-  prefixes = {"global": global_prefix, "client": "eval_client"}
+  prefixes = {"global": global_prefix, "client": "eval_client", "unseen": "eval_unseen"}
   names = lambda v: [m for m in METRICS if m in v] + [m for m in v if m not in METRICS]
   return {f"{prefixes[kind]}/{name}/{m}": v[m]
           for kind, per_client in results.items() for name, v in per_client.items()

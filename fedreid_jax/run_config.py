@@ -25,7 +25,8 @@ MEANING_FIELDS = ("seed", "data.name", "data.clients", "data.scenario", "data.sc
                   # the model's shapes: a checkpoint of another model cannot be restored, so
                   # the launch is refused here, before any data is loaded or model built
                   "model.backbone", "model.width", "model.embed_dim", "model.last_stride",
-                  "model.small_stem")
+                  "model.small_stem",
+                  "eval.unseen")  # which clients train (docs/evaluation_and_report.md)
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

@@ -23,6 +23,7 @@ from fedreid_jax import round_loop
 from fedreid_jax import run_config
 from fedreid_jax.data import registry
 from fedreid_jax.data import scenarios
+from fedreid_jax.data import unseen as unseen_lib
 from fedreid_jax.errors import ConfigError, TrainingDiverged
 from fedreid_jax.evaluation import features as features_lib
 from fedreid_jax.evaluation import streamed as streamed_lib
@@ -66,6 +67,7 @@ class Experiment:
     self.config = cfg = config
     described = config_lib.describe_algorithm(cfg.fed.algorithm, cfg)  # before the model
     hosts.check_running(cfg)
+    clients_data, unseen = unseen_lib.split(cfg, clients_data)  # eval.unseen: never train
     checks.check_input(cfg, described, clients_data, public)
     rows = 1 if described.centralised else len(clients_data)  # clients in the state
     self.num_selected = sampling.num_selected(cfg.fed.clients_per_round, rows)
@@ -82,10 +84,11 @@ class Experiment:
     self.own = (set(device_queues.lanes_by_host(jax.sharding.NamedSharding(
         self.state_mesh, jax.sharding.PartitionSpec(device_queues.AXIS)),
         rows)[jax.process_index()]) if hosts.is_multihost() else set(range(len(clients_data))))
-    self.tests = [None if i not in self.own else
-                  streamed_lib.StreamedTestSet.from_client(c, tuple(cfg.data.image_size))
-                  if cfg.eval.streamed else features_lib.load_test_set(c, tuple(cfg.data.image_size))
-                  for i, c in enumerate(clients_data)]
+    load_test = lambda c: (streamed_lib.StreamedTestSet.from_client(c, tuple(cfg.data.image_size))
+                           if cfg.eval.streamed
+                           else features_lib.load_test_set(c, tuple(cfg.data.image_size)))
+    self.tests = [load_test(c) if i in self.own else None for i, c in enumerate(clients_data)]
+    self.unseen_tests = [load_test(c) for c in unseen_lib.evaluated(unseen, described)]
     self.test_names = [c.name for c in clients_data]
     if described.centralised:
       clients_data = [scenarios.merged(clients_data)]
@@ -269,8 +272,9 @@ class Experiment:
 
   def evaluate(self, client_models: bool, examples_dir: str | None = None
                ) -> dict[str, dict[str, dict[str, float]]]:
-    """{"global"|"client": {client name: metrics}}; a non-sharing algorithm has
-    no "global" entry (each client's own model is its result). `examples_dir`:
+    """{"global"|"client"|"unseen": {client name: metrics}}; a non-sharing
+    algorithm has no "global" entry (each client's own model is its result);
+    "unseen": the global model on the `eval.unseen` clients, when there are any. `examples_dir`:
     also save retrieval examples of the global model (else the client models)
     as `<examples_dir>/<client>.npz`."""
     out = {}
@@ -283,8 +287,12 @@ class Experiment:
       client_path = path if not self.algorithm.shares else lambda t: None
       out["client"] = {t.name: self.evaluate_model(rounds_lib.client_variables(
           device_queues.local_row(self.clients, i)), t, client_path(t)) for i, t in own}
-    return {kind: hosts.gather_per_client(per_client, self.test_names)
-            for kind, per_client in out.items()}
+    results = {kind: hosts.gather_per_client(per_client, self.test_names)
+               for kind, per_client in out.items()}
+    if self.unseen_tests:  # eval.unseen: every host scores them with its copy, not gathered
+      results["unseen"] = {t.name: self.evaluate_model(variables, t, None, cache)
+                           for t in self.unseen_tests}
+    return results
 
   def evaluate_model(self, variables, test, examples_path=None, cache=None) -> dict:
     """One model on one client's test set, streamed (`eval.streamed`) or in memory."""

@@ -46,11 +46,20 @@ def expected_clients(data_cfg) -> int | None:
     return None
   if data_cfg.clients:
     return len(data_cfg.clients)
+  return len(client_names(data_cfg))
+
+
+def client_names(data_cfg) -> tuple[str, ...] | None:
+  """Every client name of the dataset `data_cfg.name` as `by_dataset` loads
+  them (before `data_cfg.clients` filters); None for the other scenarios,
+  whose names come from splitting the data."""
+  if data_cfg.scenario != "by_dataset" or data_cfg.name not in _BENCHMARKS:
+    return None
   if data_cfg.name == "synthetic":
     from fedreid_jax.data import synthetic
-    return len(synthetic.DOMAIN_NAMES)
+    return tuple(synthetic.DOMAIN_NAMES)
   from fedreid_jax.data import source
-  return len(source.CLIENT_DATASETS)
+  return tuple(source.CLIENT_DATASETS)
 
 
 def load(data_cfg, seed: int) -> tuple[list[ClientData], ReIDSplit | None]:
