@@ -108,7 +108,7 @@ class Experiment:
         alg, measurements={**alg.measurements, **(measurements or {})},
         server_stages=(*alg.server_stages, *server_stages))
     local_step = local_lib.make_local_step(self.model, self.tx, cfg.train,
-                                           alg.client_regularizer)
+                                           alg.client_regularizer, alg.personal_mu)
     self.topology = hosts.HostTopology()  # the federated core's collectives over hosts
     self.execute = strategies.make_execution(
         cfg.fed.strategy, local_step, cfg.fed.chunk_steps,
@@ -119,7 +119,7 @@ class Experiment:
         alg, self.tx,
         every_client_sharding=(jax.sharding.NamedSharding(
             self.state_mesh, jax.sharding.PartitionSpec(device_queues.AXIS))
-                           if self.state_mesh is not None else None))
+                           if self.state_mesh is not None else None), num_clients=rows)
     # where the client state lives: rows in place over the mesh, or gathered per round
     self.placement = (placement_lib.Rows(self.stages, rows, self.topology)
                       if self.state_mesh is not None
@@ -144,6 +144,10 @@ class Experiment:
     if cfg.model.get("pretrained"):  # ImageNet weights: server and every client's backbone
       self.server, self.clients = state_lib.load_shared(
           self.server, self.clients, pretrained.load_backbone(cfg.model), self.tx)
+    if alg.init_state is not None:  # SCAFFOLD's control variates, Ditto's personal models
+      server_own, clients_own = jax.jit(alg.init_state)(self.server, self.clients)
+      self.server = self.server._replace(algorithm_state=server_own)
+      self.clients = self.clients._replace(algorithm_state=clients_own)
     if alg.server_optimizer is not None:  # its state is part of the server (checkpointed)
       self.server = self.server._replace(
           opt_state=jax.jit(alg.server_optimizer.init)(self.server.params))
@@ -225,9 +229,11 @@ class Experiment:
     streams = [s if s is None or plan.steps[c] == self.inputs.num_steps(c) else
                failures_lib.truncated(s, plan.steps[c], self.inputs.num_steps(c))
                for c, s in zip(lanes, streams)]
-    shared = server.params if self.algorithm.client_regularizer is not None else ()
+    shared = federated.round_input(self.algorithm, server)
     trained, metrics = self.execute(shared, selected, streams,
                                     [plan.steps.get(c, 0) for c in lanes], on_steps)
+    if self.stages.after_training is not None:  # SCAFFOLD's control variates
+      trained = self.stages.after_training(trained, shared)
     measured = {}
     if self.stages.measure is not None:  # every host calls it (a host may hold none)
       measured, trained = place.measure(place.select(server, clients, ids), trained, batches)
@@ -286,7 +292,7 @@ class Experiment:
     if (client_models and not self.algorithm.centralised) or not self.algorithm.shares:
       client_path = path if not self.algorithm.shares else lambda t: None
       out["client"] = {t.name: self.evaluate_model(rounds_lib.client_variables(
-          device_queues.local_row(self.clients, i)), t, client_path(t)) for i, t in own}
+          device_queues.local_row(self.clients, i), alg=self.algorithm), t, client_path(t)) for i, t in own}
     results = {kind: hosts.gather_per_client(per_client, self.test_names)
                for kind, per_client in out.items()}
     if self.unseen_tests:  # eval.unseen: every host scores them with its copy, not gathered

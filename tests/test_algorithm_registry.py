@@ -85,7 +85,7 @@ def test_client_regularizer_adds_its_gradient_to_the_step():
   tx = optax.sgd(lr)
   shared_keys = ("backbone", "embedding")
 
-  def regularizer(params, global_params):
+  def regularizer(params, global_params, client_state):
     own = jax.tree.leaves({k: params[k] for k in shared_keys})
     return mu / 2 * sum(jnp.sum((a - b) ** 2) for a, b in zip(own, jax.tree.leaves(global_params)))
   proximal = jax.jit(local_lib.make_local_step(model, tx, cfg.train, regularizer))

@@ -97,7 +97,7 @@ def test_fedprox_adds_its_gradient_to_one_plain_sgd_step():
     np.testing.assert_allclose(got[path], -lr * mu * (np.asarray(w[path]) - np.asarray(gv)),
                                rtol=1e-4, atol=1e-6)
   assert all(float(jnp.max(jnp.abs(got[p]))) == 0.0 for p in got if p[0] == "classifier")
-  term = alg.client_regularizer(state.params, g)
+  term = alg.client_regularizer(state.params, g, ())
   want = mu / 2 * sum(np.sum((np.asarray(w[p]) - np.asarray(v)) ** 2) for p, v in _flat(g).items())
   np.testing.assert_allclose(float(term), want, rtol=1e-5)
 

@@ -39,8 +39,21 @@ Measurement = Callable[[ClientStates, ClientStates, jax.Array, jax.Array], Any]
 # Aggregation weights: (trained selected clients `[S, ...]`, measurements
 # {name: `[S]`}) -> unnormalised weights `[S]`.
 Weighting = Callable[[ClientStates, Mapping[str, jax.Array]], jax.Array]
-# A client loss term: (the client's full params, the global shared params) -> scalar.
-Regularizer = Callable[[Any, Any], jax.Array]
+# A client loss term: (the client's full params, the round's shared input
+# (`round_input`), the client's own `algorithm_state`) -> scalar.
+Regularizer = Callable[[Any, Any, Any], jax.Array]
+# The server's mean of the returned clients: (server, shared params `[S, ...]`,
+# shared BatchNorm statistics `[S, ...]` or None (not averaged), weights `[S]`)
+# -> (params mean, statistics mean or None). Weights may be 0 (a failed or an
+# unselected client); they are normalised here.
+Aggregator = Callable[[Any, Any, Any, jax.Array], tuple]
+
+
+def weighted_mean(server, params, stats, weights: jax.Array) -> tuple:
+  """`Aggregator`: the plain weighted mean (FedPav)."""
+  del server
+  return (params_lib.weighted_mean(params, weights),
+          None if stats is None else params_lib.weighted_mean(stats, weights))
 
 
 def data_size_weights(trained: ClientStates, measured) -> jax.Array:
@@ -64,8 +77,26 @@ class Algorithm:
 
   name, label: its registered name and its column in tables and reports.
   shared: parameter subtrees exchanged with the server (`()`: nothing).
-  client_regularizer: None, or `(params, global_params) -> scalar` added to
-    each local step's loss (`global_params`: the server's shared subtree).
+  client_regularizer: None, or `(params, shared_input, own) -> scalar` added
+    to each local step's loss (`shared_input`: the round's input common to
+    every client, `round_input`; `own`: the client's `algorithm_state`).
+  shared_input: None (the server's shared params when there is a
+    regularizer, else nothing) or `(server) -> pytree` handed to every local
+    step of the round (SCAFFOLD: the global model and control variate).
+  aggregator: how the server averages the returned clients (`Aggregator`;
+    secure aggregation and client-level DP replace it).
+  init_state: None, or `(server, clients) -> (server algorithm_state,
+    clients algorithm_state [C, ...])`, run once when the run starts.
+  after_training: None, or `(one trained client, shared_input) -> client`,
+    mapped over the clients after local training (a client that trained no
+    step must come back unchanged).
+  update_server_state: None, or `(server before the round, trained clients
+    [S, ...], weights [S], num_clients) -> server algorithm_state`.
+  personal_mu: None, or Ditto's proximal weight: each client also trains a
+    personal model (its `algorithm_state`) on the same batches, with
+    (mu / 2) ||v - w_global||^2 over the shared subtree.
+  client_model: None (the client's trained copy) or `(one client) ->
+    {"params", "batch_stats"}`: the model evaluated as the client's.
   weighting: aggregation weights from the trained clients and `measurements`.
   measurements: {name: `Measurement`} taken of every selected client after
     training, on `measurement_batch_size` of its own images.
@@ -89,6 +120,13 @@ class Algorithm:
   label: str
   shared: tuple[str, ...]
   client_regularizer: Regularizer | None = None
+  shared_input: Callable[[Any], Any] | None = None
+  aggregator: Aggregator = weighted_mean
+  init_state: Callable[[Any, ClientStates], tuple] | None = None
+  after_training: Callable[[ClientStates, Any], ClientStates] | None = None
+  update_server_state: Callable[..., Any] | None = None
+  personal_mu: float | None = None
+  client_model: Callable[[ClientStates], dict] | None = None
   weighting: Weighting = data_size_weights
   measurements: Mapping[str, Measurement] = dataclasses.field(default_factory=dict)
   server_optimizer: optax.GradientTransformation | None = None
@@ -104,6 +142,17 @@ class Algorithm:
   @property
   def shares(self) -> bool:
     return bool(self.shared)
+
+
+def round_input(algorithm: Algorithm, server) -> Any:
+  """The round's input common to every client's local steps: the algorithm's
+  `shared_input(server)`, else the server's shared params when a client
+  regularizer or a personal model needs them, else `()`."""
+  if algorithm.shared_input is not None:
+    return algorithm.shared_input(server)
+  if algorithm.client_regularizer is not None or algorithm.personal_mu is not None:
+    return server.params
+  return ()
 
 
 def base(config, name: str, label: str, shared: tuple[str, ...] = FEATURE_EXTRACTOR,

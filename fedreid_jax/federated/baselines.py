@@ -25,6 +25,7 @@ import optax
 
 from fedreid_jax.errors import ConfigError
 from fedreid_jax.federated import algorithm as alg_lib
+from fedreid_jax.federated import local as local_lib
 from fedreid_jax.federated.registry import composed, register_algorithm
 
 PROX_DEFAULTS = {"mu": 0.01}
@@ -80,12 +81,8 @@ def check_settings(config) -> None:
 
 def proximal_term(mu: float) -> alg_lib.Regularizer:
   """`Regularizer`: (mu / 2) ||w - w_global||^2 over the global shared subtree
-  (BatchNorm scale and bias included; running statistics are not parameters)."""
-  def regularizer(params, global_params):
-    own = {k: params[k] for k in global_params}
-    squares = jax.tree.map(lambda a, b: jnp.sum(jnp.square(a - b)), own, global_params)
-    return mu / 2 * sum(jax.tree.leaves(squares))
-  return regularizer
+  (the round's shared input; BatchNorm scale and bias included)."""
+  return lambda params, global_params, own: local_lib.proximal(mu, params, global_params)
 
 
 def fedprox(config, model=None) -> alg_lib.Algorithm:

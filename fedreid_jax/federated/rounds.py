@@ -88,22 +88,29 @@ def broadcast_rows(server: ServerState, clients: ClientStates, mask: jax.Array,
 
 
 def aggregate(server: ServerState, trained: ClientStates, weights: jax.Array,
-              first_client: jax.Array, alg: Algorithm) -> ServerState:
-  """Weighted mean of the shared subtree over `trained` `[S, ...]`, or, with a
+              first_client: jax.Array, alg: Algorithm, num_clients: int = 0) -> ServerState:
+  """The algorithm's mean (`alg.aggregator`, by default weighted) of the
+  shared subtree over `trained` `[S, ...]`, or, with a
   server optimizer, one step of it along the pseudo-gradient `server - mean`
   (BatchNorm statistics, and leaves the clients keep (`alg.keep_local`),
   always take the mean: the global model's copy, never sent back); the
-  server advances to the next round (a non-sharing algorithm only does that)."""
+  server advances to the next round (a non-sharing algorithm only does that)
+  and updates its `algorithm_state` (`alg.update_server_state`; `num_clients`:
+  every client of the run, SCAFFOLD's N)."""
+  before = server
   server = server._replace(round=server.round + 1)
+  if alg.update_server_state is not None:
+    server = server._replace(algorithm_state=alg.update_server_state(
+        before, trained, weights, num_clients))
   if not alg.shares:
     return server
   shared = params_lib.prefix_predicate(alg.shared)
-  params = params_lib.weighted_mean(params_lib.split_tree(trained.params, shared)[0], weights)
-  stats = params_lib.split_tree(trained.batch_stats, shared)[0]
-  if alg.bn_aggregation == "mean":
-    stats = params_lib.weighted_mean(stats, weights)
-  else:  # reference quirk: statistics of the round's first (random) client
-    stats = params_lib.take_client(stats, first_client)
+  stacked_stats = params_lib.split_tree(trained.batch_stats, shared)[0]
+  mean_stats = alg.bn_aggregation == "mean"
+  params, stats = alg.aggregator(before, params_lib.split_tree(trained.params, shared)[0],
+                                 stacked_stats if mean_stats else None, weights)
+  if not mean_stats:  # reference quirk: statistics of the round's first (random) client
+    stats = params_lib.take_client(stacked_stats, first_client)
   opt_state = server.opt_state
   if alg.server_optimizer is not None:
     mean = params
@@ -158,11 +165,12 @@ class RoundStages(NamedTuple):
   server_stages: tuple[ServerStage, ...]
   measure_one: Callable | None = None  # (before, after, images [B, ...], labels [B]) of one client
   measure_names: tuple[str, ...] = ()  # the measurements, sorted
+  after_training: Callable | None = None  # (trained [S, ...], shared input) -> trained
 
 
 def make_round_stages(alg: Algorithm, tx: optax.GradientTransformation,
-                      every_client_sharding: jax.sharding.Sharding | None = None
-                      ) -> RoundStages:
+                      every_client_sharding: jax.sharding.Sharding | None = None,
+                      num_clients: int = 0) -> RoundStages:
   """Jits each stage of `alg` once for the run. `every_client_sharding`: the
   client axis is split over a mesh this way and a round updates the selected
   rows in place: broadcast takes a `[C]` mask (`broadcast_rows`), training
@@ -179,14 +187,18 @@ def make_round_stages(alg: Algorithm, tx: optax.GradientTransformation,
       measure=(jit_counted("measure", lambda b, a, x, y: measure(b, a, x, y, measurements))
                if measurements else None),
       weights=jit_counted("weights", alg.weighting),
-      aggregate=jit_counted("aggregate", lambda s, t, w, f: aggregate(s, t, w, f, alg)),
+      aggregate=jit_counted("aggregate", lambda s, t, w, f: aggregate(s, t, w, f, alg,
+                                                                     num_clients)),
       scatter=(lambda clients, trained, ids: trained) if rows else
       jit_counted("scatter", scatter, donate_argnums=0),
       server_stages=tuple(alg.server_stages),
       measure_one=(jit_counted("measure_one", lambda b, a, x, y: measure_one(b, a, x, y,
                                                                           measurements))
                    if measurements else None),
-      measure_names=tuple(sorted(measurements)))
+      measure_names=tuple(sorted(measurements)),
+      after_training=(jit_counted("after_training", jax.vmap(alg.after_training,
+                                                             in_axes=(0, None)), **placed)
+                      if alg.after_training is not None else None))
 
 
 def global_variables(server: ServerState):
@@ -194,10 +206,14 @@ def global_variables(server: ServerState):
   return {"params": server.params, "batch_stats": server.batch_stats}
 
 
-def client_variables(clients: ClientStates, index: int | None = None):
-  """Client `index`'s own model (backbone + embedding), for local evaluation;
+def client_variables(clients: ClientStates, index: int | None = None,
+                     alg: Algorithm | None = None):
+  """Client `index`'s own model (backbone + embedding), for local evaluation:
+  its trained copy, or `alg.client_model` of it (Ditto's personal model);
   `index` None: `clients` is one client's state (no client axis)."""
   shared = params_lib.prefix_predicate(FEATURE_EXTRACTOR)
   one = clients if index is None else params_lib.take_client(clients, index)
+  if alg is not None and alg.client_model is not None:
+    one = one._replace(**alg.client_model(one))
   return {"params": params_lib.split_tree(one.params, shared)[0],
           "batch_stats": params_lib.split_tree(one.batch_stats, shared)[0]}

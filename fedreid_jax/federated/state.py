@@ -22,6 +22,9 @@ class ClientStates(NamedTuple):
   step: `[C]` int32 local steps taken this round.
   num_classes: `[C]` int32 ids of each client (logits past it are masked).
   num_examples: `[C]` float32 training images of each client (FedPav weights).
+  algorithm_state: what an algorithm keeps on each client across rounds
+    (`Algorithm.init_state`; SCAFFOLD's control variate, Ditto's personal
+    model), leaves `[C, ...]`; `()` for most algorithms.
   """
   params: Any
   batch_stats: Any
@@ -30,18 +33,22 @@ class ClientStates(NamedTuple):
   step: jax.Array
   num_classes: jax.Array
   num_examples: jax.Array
+  algorithm_state: Any = ()
 
 
 class ServerState(NamedTuple):
   """The global (shared) model: backbone + embedding block, plus bookkeeping.
 
   opt_state: a server optimizer's state (server stages own it; `()` when none).
+  algorithm_state: what an algorithm keeps on the server across rounds
+    (`Algorithm.init_state`; SCAFFOLD's control variate); `()` for most.
   """
   params: Any
   batch_stats: Any
   round: jax.Array
   rng: jax.Array
   opt_state: Any = ()
+  algorithm_state: Any = ()
 
 
 def init_states(model, tx: optax.GradientTransformation, shared: params_lib.PathPredicate,

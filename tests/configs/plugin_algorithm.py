@@ -30,7 +30,8 @@ def _synthetic_config():
 def proximal(config, model):
   base = federated.build_algorithm("fedpav", config, model)
 
-  def regularizer(params, global_params):
+  def regularizer(params, global_params, client_state):
+    del client_state  # the client's algorithm_state: none here
     own = {k: params[k] for k in global_params}
     return MU / 2 * sum(jnp.sum((a - b) ** 2) for a, b in
                         zip(jax.tree.leaves(own), jax.tree.leaves(global_params)))
