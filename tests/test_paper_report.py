@@ -358,3 +358,26 @@ def test_runs_without_evaluations_error(tmp_path):
   write_run(tmp_path, "fedpav", [{"round": 1, "kind": "train", "train/loss": 1.0}])
   with pytest.raises(errors.ReportInputMissing, match="none has evaluation records"):
     paper_report.write_report(str(tmp_path))
+
+
+def test_re_ranked_columns_beside_the_plain_ones(tmp_path):
+  """Runs that logged `*_rr` / `*_aqe` metrics get those columns after the plain
+  ones, in each table; a run without them shows "-" there."""
+  extra = lambda rec: {**rec, **{k + "_rr": v + 0.1 for k, v in rec.items() if "/" in k},
+                       **{k + "_aqe": v + 0.05 for k, v in rec.items() if "/" in k}}
+  write_run(tmp_path / "fedpav", "fedpav", [extra(r) for r in fedpav_records()])
+  write_run(tmp_path / "local", "local", [_eval(10, "eval_client", (0.5, 0.5))])
+  text = open(paper_report.write_report(str(tmp_path)), encoding="utf-8").read()
+  best = _table(text, "Best-3")
+  assert best[0] == ("| Client | Local training R-1 | Local training mAP "
+                     "| Local training R-1 RR | Local training mAP RR | Local training R-1 AQE "
+                     "| Local training mAP AQE | FedPav R-1 | FedPav mAP | FedPav R-1 RR "
+                     "| FedPav mAP RR | FedPav R-1 AQE | FedPav mAP AQE |")
+  # best-3 by the plain rank-1 (rounds 20, 30, 50): market 65.0, re-ranked +10, AQE +5
+  assert best[2] == ("| syn_market | 50.0 | 25.0 | - | - | - | - | 65.0 | 32.5 | 75.0 | 42.5 "
+                     "| 70.0 | 37.5 |")
+  assert _table(text, "Client models against local training")[0].endswith(
+      "| FedPav local R-1 AQE | FedPav local mAP AQE |")
+  assert report.with_variants(("rank1", "mAP"), {"mAP_rr", "rank1"}) == ["rank1", "mAP",
+                                                                         "mAP_rr"]
+  assert report.metric_label("rank10_aqe") == "R-10 AQE" and report.metric_label("x_rr") == "x_rr"

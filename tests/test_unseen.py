@@ -142,3 +142,23 @@ def test_resume_with_another_unseen_is_refused():
   with pytest.raises(CheckpointMismatch, match="eval.unseen: saved"):
     run_config.check_meaning(saved, now, "runs/x")
   run_config.check_meaning(saved, saved, "runs/x")
+
+
+def test_report_shows_unseen_domains_at_the_rounds_chosen_on_training_clients(tmp_path):
+  from fedreid_jax.evaluation import paper_report
+  from test_paper_report import fedpav_records, write_run
+  # the unseen rank-1 grows with the round: chosen by itself, best-3 would be 40, 50, 310
+  records = [{**r, "eval_unseen/syn_ilids/rank1": r["round"] / 1000,
+              "eval_unseen/syn_ilids/mAP": r["round"] / 2000} if r["kind"] == "eval" else r
+             for r in fedpav_records()]
+  write_run(tmp_path / "fedpav", "fedpav", records)
+  write_run(tmp_path / "local", "local", [
+      {"round": 10, "kind": "eval", "eval_client/syn_market/rank1": 0.5}])
+  text = open(paper_report.write_report(str(tmp_path)), encoding="utf-8").read()
+  section = text.split("## Unseen domains\n", 1)[1].split("\n## ", 1)[0]
+  final, best = (part.split("\n\n")[1].splitlines()
+                 for part in section.split("**Final round**")[1].split("**Best-3**"))
+  assert final[0] == "| Client | FedPav R-1 | FedPav mAP |"  # local: no global model
+  assert final[2:] == ["| syn_ilids | 31.0 | 15.5 |", "| **Mean** | 31.0 | 15.5 |"]
+  assert best[2] == "| syn_ilids | 3.3 | 1.7 |"  # rounds 20, 30, 50 (by the training clients)
+  assert "syn_ilids" not in text.split("## Unseen domains", 1)[0]

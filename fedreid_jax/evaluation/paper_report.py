@@ -5,7 +5,9 @@ with the paper-style tables, convergence plots and retrieval pictures.
 
 Writes into the output folder (default `<workdir>/report/`):
 - `report.md`: the runs; the paper's table (rank-1 / mAP per dataset and
-  column) under the final-round and the best-3 selections (`suite_runs`);
+  column, and their re-ranked / query-expanded forms when the runs logged
+  them) under the final-round and the best-3 selections (`suite_runs`); the
+  global models on unseen domains (`eval.unseen`);
   the rounds each selection used; client models against local training;
   KD before/after on KD rounds; CDW weights; the pictures below;
 - `convergence_<metric>.png` (default rank1 and mAP): a panel per client;
@@ -62,19 +64,23 @@ def header(workdir: str, runs: Sequence[Run]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def selection_tables(columns: Sequence[Column], metrics: Sequence[str],
-                     within: int) -> tuple[str, dict]:
-  """The paper table under both selections; returns `(markdown, {name: selections})`."""
+def selections(columns: Sequence[Column], within: int) -> dict:
+  """`{name: (select, what it selects)}`: the final round and the paper's best-3."""
   big = suite_runs.big_clients(suite_plots.grid_clients(columns, "rank1"))
-  selects = {
+  return {
       "Final round": (suite_runs.select_final, "the last evaluation of each run."),
       "Best-3": (functools.partial(suite_runs.select_best, within=within),
                  f"the paper's: per column, the {suite_runs.BEST_OF} evaluations at "
                  f"round <= {within} with the highest mean rank-1 over {', '.join(big)}; "
                  "per dataset the mean over those evaluations."),
   }
+
+
+def selection_tables(columns: Sequence[Column], metrics: Sequence[str],
+                     within: int) -> tuple[str, dict]:
+  """The paper table under both selections; returns `(markdown, {name: selections})`."""
   parts, used = [], {}
-  for name, (select, what) in selects.items():
+  for name, (select, what) in selections(columns, within).items():
     results, used[name] = {}, {}
     for column in columns:
       results[column.label], used[name][column.label] = suite_runs.column_results(column, select)
@@ -115,6 +121,26 @@ def client_models_table(groups: dict, metrics: Sequence[str], within: int) -> st
       "Each client's own model after local training, before upload, on its own test set "
       "(best-3 selection); the paper's claim: with CDW it beats local training everywhere.",
       "", report.format_results_table(results, metrics=metrics)])
+
+
+def unseen_section(columns: Sequence[Column], metrics: Sequence[str], within: int) -> str:
+  """The global models on the clients held out of training (`eval.unseen`,
+  `eval_unseen/` records), at the rounds each selection picks on the
+  training clients; the mean row is over the unseen clients."""
+  held = [c for c in columns if c.prefix == "eval"
+          and any(suite_runs.eval_records(r.records, "eval_unseen") for r in c.runs)]
+  if not held:
+    return ""
+  parts = ["## Unseen domains", "",
+           "Clients held out of training (`eval.unseen`): never selected, their training "
+           "data never read. Each column's global model on their test sets, at the rounds "
+           "its selection chose on the training clients (never by these scores); the mean "
+           "row is over the unseen clients.", ""]
+  for name, (select, _) in selections(columns, within).items():
+    pick = suite_runs.at_selected_rounds(select, "eval_unseen")
+    results = {c.label: suite_runs.column_results(c, pick)[0] for c in held}
+    parts += [report.format_results_table(results, name, metrics=metrics)]
+  return "\n".join(parts)
 
 
 def fluctuation(records: Sequence[dict], prefix: str, metric: str = "rank1") -> float | None:
@@ -242,7 +268,8 @@ def write_report(workdir: str, out_dir: str | None = None,
   os.makedirs(out_dir, exist_ok=True)
   groups = suite_runs.by_algorithm(runs)
   columns = suite_runs.make_columns(groups)
-  tables, used = selection_tables(columns, metrics, within)
+  shown = report.with_variants(metrics, suite_runs.recorded_metrics(runs))  # + re-ranked
+  tables, used = selection_tables(columns, shown, within)
   convergence = ["## Convergence", "",
                  "One panel per client, one line per column (dashed: client models); with "
                  "several seeds, the mean and a band of ± one std.", ""]
@@ -250,10 +277,10 @@ def write_report(workdir: str, out_dir: str | None = None,
     png = _wrote(suite_plots.plot_convergence_grid(
         columns, metric, os.path.join(out_dir, f"convergence_{metric}.png")))
     convergence += [f"![{metric} against round]({os.path.basename(png)})", ""]
-  parts = [header(workdir, runs), tables, rounds_table(columns, used),
-           client_models_table(groups, metrics, within), "\n".join(convergence),
-           fluctuation_section(columns),
-           kd_section(groups, metrics), cdw_section(groups, out_dir),
+  parts = [header(workdir, runs), tables, unseen_section(columns, shown, within),
+           rounds_table(columns, used), client_models_table(groups, shown, within),
+           "\n".join(convergence), fluctuation_section(columns),
+           kd_section(groups, shown), cdw_section(groups, out_dir),
            retrieval_section(groups, out_dir)]
   path = os.path.join(out_dir, "report.md")
   with open(path, "w", encoding="utf-8") as f:

@@ -23,6 +23,31 @@ from typing import Any, Mapping, Sequence
 DEFAULT_METRICS = ("rank1", "rank5", "rank10", "mAP")
 METRIC_LABELS = {"rank1": "R-1", "rank5": "R-5", "rank10": "R-10",
                  "mAP": "mAP", "mINP": "mINP"}
+# the re-ranked and query-expanded metrics an evaluation may add (`features.extra_metrics`)
+VARIANTS = {"_rr": "RR", "_aqe": "AQE"}
+
+
+def metric_label(metric: str) -> str:
+  """A column label: `R-1` for rank1, `R-1 RR` for rank1_rr, `mAP AQE` for mAP_aqe."""
+  for suffix, tag in VARIANTS.items():
+    base = metric[:-len(suffix)]
+    if metric.endswith(suffix) and base in METRIC_LABELS:
+      return f"{METRIC_LABELS[base]} {tag}"
+  return METRIC_LABELS.get(metric, metric)
+
+
+def with_variants(metrics: Sequence[str], present) -> list[str]:
+  """`metrics`, then each one's re-ranked (`_rr`) and then query-expanded
+  (`_aqe`) form that is among `present` (metric names found in the results):
+  `["rank1", "mAP", "rank1_rr", "mAP_rr"]` for `("rank1", "mAP")` after re-ranking."""
+  present = set(present)
+  return list(metrics) + [m + suffix for suffix in VARIANTS for m in metrics
+                          if m + suffix in present]
+
+
+def metric_names(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> set[str]:
+  """The metric names of `results[model][client][metric]`."""
+  return {m for per_client in results.values() for v in per_client.values() for m in (v or {})}
 
 
 def _percent(value: Any) -> str:
@@ -113,7 +138,7 @@ def format_results_table(results: Mapping[str, Mapping[str, Mapping[str, float]]
   """
   models = list(results)
   clients = _row_names(results)
-  header = ["Client"] + [f"{model} {METRIC_LABELS.get(m, m)}"
+  header = ["Client"] + [f"{model} {metric_label(m)}"
                          for model in models for m in metrics]
   align = ["---"] + ["---:"] * (len(header) - 1)
   lines = []

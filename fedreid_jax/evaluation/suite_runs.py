@@ -303,6 +303,24 @@ def select_best(records: Sequence[Mapping[str, Any]], prefix: str, k: int = BEST
   return Selection(mean_over(chosen, prefix), rounds, len(chosen) >= k)
 
 
+def at_selected_rounds(select: Callable[..., Selection], prefix: str
+                       ) -> Callable[..., Selection]:
+  """A selection reading `prefix` (e.g. `eval_unseen`) at the rounds `select`
+  picks from the column's own prefix: the unseen clients are scored at the
+  rounds chosen on the training clients, never chosen by their own scores."""
+  def select_at(records: Sequence[Mapping[str, Any]], own_prefix: str) -> Selection:
+    chosen = select(records, own_prefix)
+    evals = [r for r in eval_records(records, prefix) if r["round"] in chosen.rounds]
+    return Selection(mean_over(evals, prefix), chosen.rounds, chosen.complete)
+  return select_at
+
+
+def recorded_metrics(runs: Sequence[Run]) -> set[str]:
+  """The metric names of the runs' `<prefix>/<client>/<metric>` eval keys."""
+  return {key.split("/")[2] for run in runs for r in run.records if r.get("kind") == "eval"
+          for key in r if key.count("/") == 2}
+
+
 def column_results(column: Column, select: Callable[..., Selection]
                    ) -> tuple[dict, list[Selection]]:
   """`({client: {metric: [value per seed]}}, [selection per seed])` of a column.
