@@ -30,7 +30,8 @@ def _report(columns: dict, config, run_dir: str) -> str:
   title = (f"{config.data.name}: rank-1 / rank-5 / rank-10 / mAP (%), {config.eval.protocol} "
            f"protocol, after {config.fed.rounds} rounds")
   with open(os.path.join(run_dir, "results.md"), "w", encoding="utf-8") as f:
-    metrics = report.with_variants(report.DEFAULT_METRICS, report.metric_names(columns))
+    metrics = report.with_variants(report.DEFAULT_METRICS, report.metric_names(columns),
+                                   of=("rank1", "mAP"))  # re-ranked / AQE ones, if any
     f.write(report.format_results_table(columns, title, metrics) + "\n")
   return report.plot_convergence(os.path.join(run_dir, "metrics.jsonl"),
                                  os.path.join(run_dir, "convergence.png"))

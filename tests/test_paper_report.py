@@ -380,4 +380,6 @@ def test_re_ranked_columns_beside_the_plain_ones(tmp_path):
       "| FedPav local R-1 AQE | FedPav local mAP AQE |")
   assert report.with_variants(("rank1", "mAP"), {"mAP_rr", "rank1"}) == ["rank1", "mAP",
                                                                          "mAP_rr"]
+  assert report.with_variants(("rank1", "rank5"), {"rank1_aqe", "rank5_aqe"}, of=("rank1",)) == [
+      "rank1", "rank5", "rank1_aqe"]
   assert report.metric_label("rank10_aqe") == "R-10 AQE" and report.metric_label("x_rr") == "x_rr"

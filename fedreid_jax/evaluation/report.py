@@ -36,12 +36,14 @@ def metric_label(metric: str) -> str:
   return METRIC_LABELS.get(metric, metric)
 
 
-def with_variants(metrics: Sequence[str], present) -> list[str]:
-  """`metrics`, then each one's re-ranked (`_rr`) and then query-expanded
-  (`_aqe`) form that is among `present` (metric names found in the results):
-  `["rank1", "mAP", "rank1_rr", "mAP_rr"]` for `("rank1", "mAP")` after re-ranking."""
+def with_variants(metrics: Sequence[str], present, of: Sequence[str] | None = None
+                  ) -> list[str]:
+  """`metrics`, then the re-ranked (`_rr`) and then the query-expanded (`_aqe`)
+  form of each of `of` (default: `metrics`) that is among `present` (metric
+  names found in the results): `["rank1", "mAP", "rank1_rr", "mAP_rr"]` for
+  `("rank1", "mAP")` after re-ranking."""
   present = set(present)
-  return list(metrics) + [m + suffix for suffix in VARIANTS for m in metrics
+  return list(metrics) + [m + suffix for suffix in VARIANTS for m in (of or metrics)
                           if m + suffix in present]
 
 
