@@ -121,6 +121,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.server_opt.b2 = 0.99
   c.server_opt.eps = 1e-3
 
+  # Differential privacy (docs/privacy.md). mode: off | sgd (DP-SGD in each client; unit
+  # image | identity) | client (DP-FedAvg over Poisson-sampled clients, rate client_rate).
+  # target_epsilon > 0: the noise multiplier calibrated for fed.rounds (0: as given).
+  c.dp = ml_collections.ConfigDict()
+  c.dp.mode = "off"
+  c.dp.unit = "image"
+  c.dp.clip_norm = 1.0
+  c.dp.noise_multiplier = 1.0
+  c.dp.delta = 1e-5
+  c.dp.target_epsilon = 0.0
+  c.dp.accountant = "pld"  # pld | rdp
+  c.dp.images_per_identity = 4  # unit identity: at most this many images of a sampled person
+  c.dp.client_rate = 0.2  # mode client: each client's chance of joining a round
+  c.dp.adaptive_clip = False  # mode client: Andrew et al. 2021's quantile-tracking clip
+  c.dp.clip_quantile = 0.5
+  c.dp.clip_lr = 0.2
+  c.dp.count_stddev = 0.0  # 0: expected clients per round / 20
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every_rounds = 5
   c.eval.protocol = "standard"  # standard | fedreid

@@ -17,6 +17,7 @@ from fedreid_jax.federated import baselines, cdw, failures, kd, strategies
 from fedreid_jax.federated import registry as algorithm_registry
 from fedreid_jax.federated import sampling
 from fedreid_jax.models import conv, pretrained, resnet
+from fedreid_jax.privacy import settings as privacy_settings
 from fedreid_jax.models.reid import build_model
 
 PROTOCOLS = ("standard", "fedreid")
@@ -180,6 +181,7 @@ def validate(config) -> None:
   failures.check(**failures.settings(config.fed))  # the round's count: when the data is known
   unseen.check_config(config)  # eval.unseen (absent in older saved configs): names, count
   baselines.check_settings(config)  # prox.mu, server_opt (absent in older saved configs)
+  privacy_settings.check_settings(config, count)  # dp (absent in older saved configs: off)
   hosts.check_settings(config)
   _devices(config.fed.num_devices)
   _choice(config.eval.get("re_ranking", False), (False, True), "eval.re_ranking")  # older

@@ -41,6 +41,7 @@ from fedreid_jax.input.train_input import TrainInput
 from fedreid_jax.metric_writer import MetricWriter, NullWriter
 from fedreid_jax.models import pretrained
 from fedreid_jax.models.reid import build_model
+from fedreid_jax.privacy.run import RunPrivacy
 from fedreid_jax.round_outputs import disk_full_guard, round_record
 from fedreid_jax.stop_signals import StopOnSignal
 from fedreid_jax.workdir import (remove_temporaries, untouched_if_refused, workdir_lock,
@@ -68,6 +69,7 @@ class Experiment:
     described = config_lib.describe_algorithm(cfg.fed.algorithm, cfg)  # before the model
     hosts.check_running(cfg)
     clients_data, unseen = unseen_lib.split(cfg, clients_data)  # eval.unseen: never train
+    self.privacy = RunPrivacy(cfg, clients_data, described)  # dp: checked, noise calibrated
     checks.check_input(cfg, described, clients_data, public)
     rows = 1 if described.centralised else len(clients_data)  # clients in the state
     self.num_selected = sampling.num_selected(cfg.fed.clients_per_round, rows)
@@ -103,7 +105,7 @@ class Experiment:
           f"{cfg.train.batch_size}; lower the batch size or drop them via config.data.clients")
     self.model = build_model(cfg.model, int(num_classes.max()))
     self.tx = local_lib.make_optimizer(cfg.train)
-    alg = federated.build_algorithm(cfg.fed.algorithm, cfg, self.model)
+    alg = self.privacy.wrap(federated.build_algorithm(cfg.fed.algorithm, cfg, self.model))
     self.algorithm = alg = dataclasses.replace(
         alg, measurements={**alg.measurements, **(measurements or {})},
         server_stages=(*alg.server_stages, *server_stages))
@@ -223,6 +225,7 @@ class Experiment:
     plan = failures_lib.round_failures(  # failing and slow clients: all run to the end if off
         self.config.seed, round_index, ids, [self.inputs.num_steps(c) for c in ids],
         **failures_lib.settings(self.config.fed))
+    plan = self.privacy.round_plan(plan, round_index)  # dp client mode: Poisson-sampled
     streams = self.inputs.streams(  # several hosts: each reads its own clients' data
         [c if c in own else None for c in lanes], round_index,
         in_order=getattr(self.execute, "reads_clients_in_order", False))
@@ -250,6 +253,7 @@ class Experiment:
     record.update(getattr(self.execute, "report", dict)())  # `devices`: the schedule
     if failures_lib.active(self.config.fed):
       record.update(failures_lib.record(plan, names, ids))
+    record.update(self.privacy.record(round_index, server))  # privacy/epsilon, ... (dp on)
     return RunState(server, clients), record
 
   def measurement_batches(self, own: list[int], round_index: int) -> dict:
