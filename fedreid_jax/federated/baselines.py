@@ -11,6 +11,10 @@ built-in algorithms (`fedreid_jax.federated` imports this module).
   exactly (`scale_by_fedopt`), not optax's Adam / Yogi / Adagrad.
 - `fedbn` (Li et al., ICLR 2021): every BatchNorm scale, bias and running
   statistic stays with its client (`Algorithm.keep_local`).
+- `scaffold` (Karimireddy et al., ICML 2020): control variates, option II
+  (`scaffold.py`).
+- `ditto` (Li et al., ICML 2021): a personal model on each client, trained
+  with a proximal term towards the global model (`ditto.py`).
 - each of them with `_kd`, `_cdw` and `_kd_cdw` (the combinators).
 """
 from __future__ import annotations
@@ -25,7 +29,9 @@ import optax
 
 from fedreid_jax.errors import ConfigError
 from fedreid_jax.federated import algorithm as alg_lib
+from fedreid_jax.federated import ditto as ditto_lib
 from fedreid_jax.federated import local as local_lib
+from fedreid_jax.federated import scaffold as scaffold_lib
 from fedreid_jax.federated.registry import composed, register_algorithm
 
 PROX_DEFAULTS = {"mu": 0.01}
@@ -205,9 +211,16 @@ def _fedbn_cdw(algorithm, config, model):
 # --- Registration ----------------------------------------------------------
 
 
+def ditto(config, model=None) -> alg_lib.Algorithm:
+  """Ditto with `config.prox.mu` (ditto.py)."""
+  del model
+  return ditto_lib.ditto(config, prox_settings(config)["mu"])
+
+
 BASES = {"fedprox": fedprox, "fedavgm": _with_server("fedavgm"),
          "fedadagrad": _with_server("fedadagrad"), "fedadam": _with_server("fedadam"),
-         "fedyogi": _with_server("fedyogi"), "fedbn": fedbn}
+         "fedyogi": _with_server("fedyogi"), "fedbn": fedbn, "scaffold": scaffold_lib.scaffold,
+         "ditto": ditto}
 
 
 def _combinations(name):

@@ -158,6 +158,8 @@ class Lockstep:
     if self.sharding is not None:  # every chunk sees the same input layout: one trace
       layout = jax.tree.map(lambda x: x.sharding, selected)
       selected = jax.device_put(selected, self.sharding)
+      shared = jax.device_put(shared, jax.sharding.NamedSharding(  # whole on every device
+          self.sharding.mesh, jax.sharding.PartitionSpec()))
     chunks = max(1, -(-max(num_steps) // self.chunk_steps))
     sums = None
     for c in range(chunks):
