@@ -106,6 +106,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.kd.normalize_teachers = True  # L2-normalise each teacher's embedding (the paper's flag)
   c.kd.mode = "default"  # default (eval mode, selected clients) | reference (its train-mode quirks)
 
+  # Secure aggregation, simulated (docs/secure_aggregation.md): the server learns only sums.
+  # Each client's weighted update is clipped to [-clip, clip], encoded with frac_bits
+  # fractional bits and masked; sums are taken modulo 2^bits (bits <= 32).
+  c.secagg = ml_collections.ConfigDict()
+  c.secagg.enabled = False
+  c.secagg.bits = 32
+  c.secagg.frac_bits = 20
+  c.secagg.clip = 8.0
+
   # FedProx (the fedprox* algorithms; docs/algorithms.md, "Baselines"): each client adds
   # (mu / 2) ||w - w_global||^2 over the shared subtree to its loss.
   c.prox = ml_collections.ConfigDict()

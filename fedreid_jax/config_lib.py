@@ -13,7 +13,7 @@ from fedreid_jax.data import unseen
 from fedreid_jax.errors import ConfigError
 
 from fedreid_jax.federated import algorithm as algorithm_lib
-from fedreid_jax.federated import baselines, cdw, failures, kd, strategies
+from fedreid_jax.federated import baselines, cdw, failures, kd, secagg, strategies
 from fedreid_jax.federated import registry as algorithm_registry
 from fedreid_jax.federated import sampling
 from fedreid_jax.models import conv, pretrained, resnet
@@ -205,6 +205,7 @@ def validate(config) -> None:
           "model.bn_unbiased_variance")
   if config.model.get("pretrained"):  # exists, known format; contents: when the model is built
     pretrained.check_file(config.model)
+  secagg.check_settings(config, count)  # secagg (absent in older saved configs: off)
   for name in (config.fed.algorithm, *config.baselines):  # each factory gives an Algorithm
     describe_algorithm(name, config)
 

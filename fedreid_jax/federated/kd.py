@@ -45,10 +45,10 @@ def make_server_optimizer(kd_cfg) -> optax.GradientTransformation:
   return local_lib.sgd(kd_cfg.lr, kd_cfg)
 
 
-def teacher_embedding(model, teachers, x: jax.Array, normalize_each: bool, train: bool,
-                      key: jax.Array) -> jax.Array:
-  """Mean over the stacked teachers `[T, ...]` of their embeddings of `x`
-  `[B, H, W, 3]` (normalised images) -> `[B, E]`."""
+def teacher_embeddings(model, teachers, x: jax.Array, normalize_each: bool, train: bool,
+                       key: jax.Array) -> jax.Array:
+  """Each of the stacked teachers' `[T, ...]` embeddings of `x` `[B, H, W, 3]`
+  (normalised images) -> `[T, B, E]`."""
   keys = jax.random.split(key, jax.tree.leaves(teachers)[0].shape[0])
 
   def one(args):
@@ -60,19 +60,29 @@ def teacher_embedding(model, teachers, x: jax.Array, normalize_each: bool, train
       f = model.apply(variables, x, train=False, method=type(model).embed)
     return l2_normalize(f) if normalize_each else f
 
-  return jnp.mean(jax.lax.map(one, (teachers, keys)), axis=0)
+  return jax.lax.map(one, (teachers, keys))
 
 
-def make_kd_step(model, kd_cfg, train_cfg, tx: optax.GradientTransformation):
+def teacher_embedding(model, teachers, x: jax.Array, normalize_each: bool, train: bool,
+                      key: jax.Array) -> jax.Array:
+  """Mean over the stacked teachers `[T, ...]` of their embeddings of `x` -> `[B, E]`."""
+  return jnp.mean(teacher_embeddings(model, teachers, x, normalize_each, train, key), axis=0)
+
+
+def make_kd_step(model, kd_cfg, train_cfg, tx: optax.GradientTransformation,
+                 teacher_mean=None):
   """(params, stats, opt_state, teachers `[T, ...]`, images uint8 `[B, H, W, 3]`, key)
-  -> (params, stats, opt_state, loss)."""
+  -> (params, stats, opt_state, loss). `teacher_mean`: None (the plain mean
+  over the teachers) or `(embeddings [T, B, E], key) -> [B, E]` (secure
+  aggregation's, `secagg.secure_teacher_mean`)."""
   reference = kd_cfg.mode == "reference"
 
   def step(params, stats, opt_state, teachers, images, key):
     aug_key, t_key, s_key = jax.random.split(key, 3)
     x = train_inputs(aug_key, images, train_cfg)
-    target = jax.lax.stop_gradient(teacher_embedding(
-        model, teachers, x, kd_cfg.normalize_teachers, reference, t_key))
+    each = teacher_embeddings(model, teachers, x, kd_cfg.normalize_teachers, reference, t_key)
+    target = jax.lax.stop_gradient(jnp.mean(each, axis=0) if teacher_mean is None
+                                   else teacher_mean(each, key))
 
     def loss_fn(p):
       variables = {"params": p, "batch_stats": stats}
@@ -94,13 +104,14 @@ def make_kd_step(model, kd_cfg, train_cfg, tx: optax.GradientTransformation):
 
 class Distillation:
   """The KD server stage: `stage(server, context) -> (server, {"kd/loss", "kd/steps"})`
-  on KD rounds, the server unchanged otherwise."""
+  on KD rounds, the server unchanged otherwise. `teacher_mean`: see `make_kd_step`."""
 
-  def __init__(self, model, kd_cfg, train_cfg):
+  def __init__(self, model, kd_cfg, train_cfg, teacher_mean=None):
     self.every = kd_cfg.every_rounds
     self.reference = kd_cfg.mode == "reference"
     self.tx = make_server_optimizer(kd_cfg)
-    self._step = jit_counted("kd_step", make_kd_step(model, kd_cfg, train_cfg, self.tx))
+    self._step = jit_counted("kd_step", make_kd_step(model, kd_cfg, train_cfg, self.tx,
+                                                     teacher_mean))
     self._init = jax.jit(self.tx.init)
     shared = params_lib.prefix_predicate(params_lib.FEATURE_EXTRACTOR)
 

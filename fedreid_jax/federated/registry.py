@@ -17,6 +17,7 @@ from typing import Callable
 
 from fedreid_jax.errors import ConfigError
 from fedreid_jax.federated import algorithm as alg_lib
+from fedreid_jax.federated import secagg
 from fedreid_jax.federated.algorithm import Algorithm
 
 Factory = Callable[..., Algorithm]  # (config, model) -> Algorithm
@@ -67,8 +68,10 @@ def check_name(name: str, field: str = "fed.algorithm") -> None:
 
 def build_algorithm(name: str, config, model) -> Algorithm:
   """The algorithm registered as `name`, for `config` and `model`. Its `name`
-  is the registered one. ConfigError when the name is unknown or the factory
-  returns something other than an `Algorithm`."""
+  is the registered one; under `config.secagg.enabled`, with secure
+  aggregation (`secagg.with_secure_aggregation`). ConfigError when the name
+  is unknown, the factory returns something other than an `Algorithm`, or it
+  cannot run under secure aggregation."""
   check_name(name)
   built = _FACTORIES[name](config, model)
   if not isinstance(built, Algorithm):
@@ -77,6 +80,8 @@ def build_algorithm(name: str, config, model) -> Algorithm:
                       f"(registered: {', '.join(registered())})")
   if built.name != name:
     built = dataclasses.replace(built, name=name)
+  if secagg.enabled(config):  # here, so config validation refuses what cannot run under it
+    built = secagg.with_secure_aggregation(built, config, model)
   return built
 
 
