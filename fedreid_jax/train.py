@@ -109,8 +109,8 @@ class Experiment:
     self.algorithm = alg = dataclasses.replace(
         alg, measurements={**alg.measurements, **(measurements or {})},
         server_stages=(*alg.server_stages, *server_stages))
-    local_step = local_lib.make_local_step(self.model, self.tx, cfg.train,
-                                           alg.client_regularizer, alg.personal_mu)
+    local_step = self.privacy.make_local_step(self.model, self.tx, cfg.train,  # dp sgd: DP-SGD
+                                              alg.client_regularizer, alg.personal_mu)
     self.topology = hosts.HostTopology()  # the federated core's collectives over hosts
     self.execute = strategies.make_execution(
         cfg.fed.strategy, local_step, cfg.fed.chunk_steps,
@@ -130,8 +130,8 @@ class Experiment:
                     epochs=cfg.train.local_epochs, seed=cfg.seed, in_memory=cfg.data.in_memory,
                     loader_threads=cfg.data.loader_threads,
                     loader_workers=cfg.data.loader_workers)
-    self.inputs = TrainInput([c.train for c in clients_data],
-                             names=[c.name for c in clients_data], **input_kw)
+    self.inputs = self.privacy.input_class([c.train for c in clients_data],  # dp sgd: Poisson
+                                           names=[c.name for c in clients_data], **input_kw)
     public_kw = dict(input_kw, epochs=1, batch_size=cfg.kd.batch_size)
     self.public = (TrainInput([public], names=["public"], **public_kw)
                    if public is not None else None)

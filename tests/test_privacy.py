@@ -159,7 +159,7 @@ def test_client_dp_refuses_kd_and_local():
   for name in ("fedpav_kd", "local"):
     cfg = fakes.tiny_config(**{"dp.mode": "client", "dp.client_rate": 1.0, "dp.delta": 1e-3,
                                "fed.algorithm": name})
-    with pytest.raises(ConfigError, match="cannot wrap") as e:
+    with pytest.raises(ConfigError, match="cannot protect") as e:
       train.Experiment(cfg, fakes.fake_clients())
     assert "\n" not in str(e.value)
 

@@ -33,11 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedreid_jax.errors import ConfigError
-from fedreid_jax.federated import params as params_lib
 from fedreid_jax.federated.algorithm import FEATURE_EXTRACTOR, Algorithm
 from fedreid_jax.federated.failures import RoundFailures
 from fedreid_jax.privacy import accountant
-from fedreid_jax.privacy.settings import settings
+from fedreid_jax.privacy.settings import refuse, settings
 
 NOISE_SALT, COUNT_SALT, SAMPLE_SALT = 0xD9, 0xC0, 0x9015
 
@@ -161,17 +160,15 @@ def check_algorithm(algorithm: Algorithm, config) -> None:
     why = ("its KD stage reads each selected client's own, un-noised model; client-level DP "
            "protects only the noised mean")
   elif algorithm.measurements:
-    why = "CDW weights clients by measurements of their private data; DP-FedAvg weighs the sampled clients alike"
+    why = ("CDW weights clients by measurements of their private data; DP-FedAvg weighs the "
+           "sampled clients alike")
   elif (algorithm.init_state or algorithm.update_server_state or algorithm.after_training
         or algorithm.personal_mu is not None):
     why = "it keeps per-client or server state of its own (SCAFFOLD, Ditto)"
   elif algorithm.bn_aggregation != "mean":
     why = "fed.bn_aggregation='first_client' releases one client's statistics un-noised"
-  if why:
-    raise ConfigError(f"dp.mode='client' cannot wrap {algorithm.name!r}: {why}")
-  if not config.data.in_memory:
-    raise ConfigError("dp.mode='client' needs data.in_memory=True (clients left out of a "
-                      "round skip their data; the streamed in-order loader cannot)")
+  refuse("client", algorithm.name, why, config.data.in_memory,
+         "clients left out of a round skip their data; the streamed in-order loader cannot")
 
 
 def with_client_dp(algorithm: Algorithm, config, num_clients: int, sigma: float) -> Algorithm:

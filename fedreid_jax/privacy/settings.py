@@ -120,3 +120,12 @@ def check_sizes(config, smallest: int, rate: float | None = None, steps: int | N
   if not dp["target_epsilon"]:
     return float(dp["noise_multiplier"])
   return accountant.calibrate(rate, steps, dp["target_epsilon"], dp["delta"], dp["accountant"])
+
+
+def refuse(mode: str, name: str, why: str | None, in_memory: bool, reading: str) -> None:
+  """ConfigError (one line) when dp `mode` cannot protect algorithm `name`
+  (`why`, None: it can) or the data is streamed (`reading`: why that matters)."""
+  if why:
+    raise ConfigError(f"dp.mode={mode!r} cannot protect {name!r}: {why}")
+  if not in_memory:
+    raise ConfigError(f"dp.mode={mode!r} needs data.in_memory=True ({reading})")
