@@ -15,7 +15,9 @@ from fedreid_jax import config_lib, train
 from fedreid_jax.errors import ConfigError
 from fedreid_jax.federated.failures import RoundFailures
 from fedreid_jax.federated.state import ServerState
+from fedreid_jax.evaluation.suite_runs import Run
 from fedreid_jax.privacy import accountant, client_dp
+from fedreid_jax.privacy import report as privacy_report
 
 # --- the accountant -----------------------------------------------------------
 
@@ -192,3 +194,20 @@ def test_client_dp_round_and_resumed_accounting():
     assert entry["privacy/noise_multiplier"] == 1.0 and entry["privacy/rounds"] == r + 1
     assert entry["privacy/epsilon"] == pytest.approx(
         direct_epsilon(0.7, 1.0, r + 1, 1e-3, "pld"), rel=1e-6)
+
+
+def test_report_privacy_section(tmp_path):
+  client = [{"round": r, "kind": "train", "privacy/epsilon": 0.5 * r, "privacy/rounds": r}
+            for r in (1, 2, 3)]
+  sgd = [{"round": r, "kind": "train", "privacy/epsilon": 2.0 * r, "privacy/a/epsilon": 2.0 * r,
+          "privacy/a/steps": 10 * r, "privacy/b/epsilon": r, "privacy/b/steps": 5 * r}
+         for r in (1, 2)]
+  runs = [Run(str(tmp_path), "dpfedavg", {"dp": {"delta": 1e-3}}, client),
+          Run(str(tmp_path), "dpsgd", {"dp": {"delta": 1e-5}}, sgd),
+          Run(str(tmp_path), "plain", {}, [{"round": 1, "kind": "train"}])]
+  text = privacy_report.privacy_section(runs, str(tmp_path))
+  assert "| dpfedavg (seed 0) | every client (client-level) | 1.5 | 0.001 | 3 rounds |" in text
+  assert "| dpsgd (seed 0) | a | 4 | 1e-05 | 20 steps |" in text
+  assert "| dpsgd (seed 0) | b | 2 | 1e-05 | 10 steps |" in text
+  assert "plain" not in text and (tmp_path / "privacy_epsilon.png").exists()
+  assert privacy_report.privacy_section(runs[2:], str(tmp_path)) == ""

@@ -28,6 +28,7 @@ from typing import Sequence
 from fedreid_jax.evaluation import report, suite_plots, suite_runs
 from fedreid_jax.evaluation.retrieval_examples import draw_retrieval, load_examples
 from fedreid_jax.evaluation.suite_runs import Column, Run
+from fedreid_jax.privacy import report as privacy_report
 
 
 def _wrote(path: str) -> str:
@@ -281,6 +282,7 @@ def write_report(workdir: str, out_dir: str | None = None,
            rounds_table(columns, used), client_models_table(groups, shown, within),
            "\n".join(convergence), fluctuation_section(columns),
            kd_section(groups, shown), cdw_section(groups, out_dir),
+           privacy_report.privacy_section(runs, out_dir),  # dp runs: epsilon vs round
            retrieval_section(groups, out_dir)]
   path = os.path.join(out_dir, "report.md")
   with open(path, "w", encoding="utf-8") as f:
