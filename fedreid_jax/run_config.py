@@ -26,7 +26,10 @@ MEANING_FIELDS = ("seed", "data.name", "data.clients", "data.scenario", "data.sc
                   # the launch is refused here, before any data is loaded or model built
                   "model.backbone", "model.width", "model.embed_dim", "model.last_stride",
                   "model.small_stem",
-                  "eval.unseen")  # which clients train (docs/evaluation_and_report.md)
+                  "eval.unseen",  # which clients train (docs/evaluation_and_report.md)
+                  # the DP mechanism: its accounting is of one noise, clip and sampling
+                  "dp.mode", "dp.unit", "dp.images_per_identity", "dp.client_rate",
+                  "dp.noise_multiplier", "dp.clip_norm", "dp.target_epsilon")
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

@@ -2,6 +2,8 @@
 client-level DP-FedAvg against a plain numpy implementation, the `dp` config
 checks (one line each), and a run whose privacy record continues exactly
 across a resume (docs/privacy.md)."""
+import json
+
 import dp_accounting
 import jax
 import jax.numpy as jnp
@@ -11,13 +13,15 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 import fakes
-from fedreid_jax import config_lib, train
-from fedreid_jax.errors import ConfigError
+from fedreid_jax import config_lib, run_config, train
+from fedreid_jax.errors import CheckpointMismatch, ConfigError
+from fedreid_jax.federated import sampling
 from fedreid_jax.federated.failures import RoundFailures
 from fedreid_jax.federated.state import ServerState
 from fedreid_jax.evaluation.suite_runs import Run
 from fedreid_jax.privacy import accountant, client_dp
 from fedreid_jax.privacy import report as privacy_report
+from fedreid_jax.privacy.run import RunPrivacy
 
 # --- the accountant -----------------------------------------------------------
 
@@ -211,3 +215,37 @@ def test_report_privacy_section(tmp_path):
   assert "| dpsgd (seed 0) | b | 2 | 1e-05 | 10 steps |" in text
   assert "plain" not in text and (tmp_path / "privacy_epsilon.png").exists()
   assert privacy_report.privacy_section(runs[2:], str(tmp_path)) == ""
+
+
+def test_relaunch_with_another_dp_mechanism_refused(tmp_path):
+  saved = json.loads(fakes.tiny_config(**{"dp.mode": "sgd"}).to_json())
+  for field, value in (("noise_multiplier", 2.0), ("unit", "identity"), ("mode", "off")):
+    now = json.loads(fakes.tiny_config(**{"dp.mode": "sgd", f"dp.{field}": value}).to_json())
+    with pytest.raises(CheckpointMismatch, match=f"dp.{field}"):
+      run_config.check_meaning(saved, now, str(tmp_path))
+  older = json.loads(fakes.tiny_config().to_json())
+  del older["dp"]  # a run saved before the section resumes (its fields count as unchanged)
+  run_config.check_meaning(older, json.loads(fakes.tiny_config().to_json()), str(tmp_path))
+
+
+def test_sgd_record_is_dp_accounting_of_the_steps_so_far():
+  """Per client: q = B / n, round(1 / q) noisy steps a round it is selected,
+  epsilon from dp-accounting on all of them; the same numbers for any round
+  asked again (a resumed run asks for its round)."""
+  cfg = fakes.tiny_config(**{"dp.mode": "sgd", "dp.delta": 1e-3, "fed.clients_per_round": 2})
+  clients = fakes.fake_clients()
+  privacy = RunPrivacy(cfg, clients, config_lib.describe_algorithm("fedpav", cfg))
+  selected = {c: 0 for c in range(3)}
+  for r in range(3):
+    for c in sampling.sample_clients(0, r, 3, 2):
+      selected[int(c)] += 1
+    entry = privacy.record(r, None)
+    for c, client in enumerate(clients):
+      q = 8 / len(client.train)
+      steps = round(1 / q) * selected[c]
+      assert entry[f"privacy/{client.name}/sampling_rate"] == pytest.approx(q)
+      assert entry[f"privacy/{client.name}/steps"] == steps
+      assert entry[f"privacy/{client.name}/epsilon"] == pytest.approx(
+          direct_epsilon(q, 1.0, steps, 1e-3, "pld") if steps else 0.0, rel=1e-6)
+  again = RunPrivacy(cfg, clients, config_lib.describe_algorithm("fedpav", cfg))
+  assert again.record(1, None) == privacy.record(1, None)
