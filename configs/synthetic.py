@@ -114,6 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.secagg.bits = 32
   c.secagg.frac_bits = 20
   c.secagg.clip = 8.0
+  # BatchNorm statistics move much more in a round (the stem's running variance by
+  # hundreds): their own clip, with a coarser step on the same integer range.
+  c.secagg.stats_clip = 4096.0
+  c.secagg.stats_frac_bits = 11
 
   # FedProx (the fedprox* algorithms; docs/algorithms.md, "Baselines"): each client adds
   # (mu / 2) ||w - w_global||^2 over the shared subtree to its loss.

@@ -66,9 +66,10 @@ def test_secure_mean_equals_the_plain_mean_and_its_sum_sees_only_masked_vectors(
     w = jnp.asarray(weights)
     got = alg.aggregator(exp.server, params, stats, w)
     want = alg_lib.weighted_mean(exp.server, params, stats, w)
-    bound = sa.mean_error_bound(3, protocol) + 1e-6  # + float32 rounding of the sum
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=bound, rtol=0)
+    for part, fixed in zip(range(2), (protocol, alg.aggregator.stats_protocol)):
+      bound = sa.mean_error_bound(3, fixed) + 1e-6  # + float32 rounding of the sum
+      for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(want[part])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=bound, rtol=0)
     masked, delivered = seen[-1]
     assert isinstance(masked, sa.Masked)  # structurally: the sum takes Masked only
     np.testing.assert_array_equal(delivered, np.asarray(weights) > 0)
@@ -82,7 +83,7 @@ def test_secure_cdw_weights_and_kd_teacher_equal_the_plain_ones(secure_exp):
   protocol = sa.Settings()
   distances = jnp.asarray([0.02, 0.0, 0.11, 0.05])
   plain = cdw.normalized_weights(distances)
-  mean = secagg.SecureMean(protocol, seed=0)
+  mean = secagg.SecureMean(protocol, protocol, seed=0)
   server = types.SimpleNamespace(params={}, batch_stats={}, round=jnp.int32(3))
   # the secure mean of one-hot vectors is the weight it applies to each client
   applied, _ = mean(server, {"x": jnp.eye(4)}, None, distances)
@@ -138,6 +139,8 @@ def test_resume_in_the_middle_of_a_secure_run_is_bit_for_bit(tmp_path):
     ({"secagg.bits": 24}, r"^config\.secagg\.bits=24 is too few for 9 clients with clip=8 "),
     ({"secagg.clip": 0}, r"^config\.secagg\.clip=0(\.0)? must be a positive number"),
     ({"secagg.frac_bits": 24}, r"^config\.secagg\.frac_bits=24 with clip=8 encodes values"),
+    ({"secagg.stats_frac_bits": 13},
+     r"^config\.secagg\.stats_frac_bits=13 with stats_clip=4096 encodes values"),
     ({"fed.algorithm": "fedpav_cdw", "cdw.mode": "reference"},
      r"^config\.secagg\.enabled with algorithm 'fedpav_cdw' is refused: cdw\.mode='reference'"),
     ({"fed.bn_aggregation": "first_client"}, r"is refused: fed\.bn_aggregation='first_client'"),

@@ -34,7 +34,11 @@ from fedreid_jax.federated import algorithm as alg_lib
 from fedreid_jax.federated import kd as kd_lib
 from fedreid_jax.federated import secure_aggregation as sa
 
-DEFAULTS = {"enabled": False, **sa.Settings()._asdict()}
+# BatchNorm statistics move far more in a round than parameters (the stem's running
+# variance by up to 388 in the default run, a parameter by under 0.4): their own clip, with
+# a coarser step of the same integer range (4096 * 2^11 = 8 * 2^20).
+DEFAULTS = {"enabled": False, **sa.Settings()._asdict(), "stats_clip": 4096.0,
+            "stats_frac_bits": 11}
 AGGREGATION_SALT = 0x5EC
 KD_SALT = 0x5ED
 
@@ -50,9 +54,13 @@ def enabled(config) -> bool:
   return settings(config)["enabled"] is True
 
 
-def protocol_settings(config) -> sa.Settings:
+def protocol_settings(config, part: str = "params") -> sa.Settings:
+  """The fixed point of the parameters (and KD's embeddings), or of the
+  BatchNorm statistics (`part="batch_stats"`: `stats_clip`, `stats_frac_bits`)."""
   given = settings(config)
-  return sa.Settings(bits=given["bits"], frac_bits=given["frac_bits"], clip=float(given["clip"]))
+  prefix = "stats_" if part == "batch_stats" else ""
+  return sa.Settings(bits=given["bits"], frac_bits=given[f"{prefix}frac_bits"],
+                     clip=float(given[f"{prefix}clip"]))
 
 
 def check_settings(config, num_clients: int | None = None) -> None:
@@ -62,17 +70,20 @@ def check_settings(config, num_clients: int | None = None) -> None:
   given = settings(config)
   if not isinstance(given["enabled"], bool):
     raise ConfigError(f"config.secagg.enabled={given['enabled']!r} must be True or False")
-  for field, low, high in (("bits", 2, 32), ("frac_bits", 0, 30)):
+  for field, low, high in (("bits", 2, 32), ("frac_bits", 0, 30), ("stats_frac_bits", 0, 30)):
     value = given[field]
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
       raise ConfigError(f"config.secagg.{field}={value!r} must be an integer in [{low}, {high}]")
-  clip = given["clip"]
-  if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
-    raise ConfigError(f"config.secagg.clip={clip!r} must be a positive number (each client's "
-                      "weighted update is clipped to [-clip, clip])")
+  for field in ("clip", "stats_clip"):
+    clip = given[field]
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
+      raise ConfigError(f"config.secagg.{field}={clip!r} must be a positive number (each "
+                        f"client's weighted update is clipped to [-{field}, {field}])")
   if not given["enabled"]:
     return
-  sa.check_capacity(num_clients or 1, protocol_settings(config))
+  for part in ("params", "batch_stats"):
+    sa.check_capacity(num_clients or 1, protocol_settings(config, part),
+                      "stats_" if part == "batch_stats" else "")
   dp = config.get("dp")
   if dp is not None and dp.get("mode", "off") == "client":
     raise ConfigError("config.secagg.enabled with config.dp.mode='client' is refused: both "
@@ -100,8 +111,9 @@ class SecureMean:
   weight 0 (failed, unselected) dropped out after masking: its pair masks
   are recovered from the survivors' revealed seeds."""
 
-  def __init__(self, protocol: sa.Settings, seed: int):
-    self.protocol = protocol
+  def __init__(self, protocol: sa.Settings, stats_protocol: sa.Settings, seed: int):
+    self.protocol = protocol  # the parameters'
+    self.stats_protocol = stats_protocol  # the BatchNorm statistics'
     self.seed = seed
 
   def round_key(self, round_index) -> jax.Array:
@@ -110,15 +122,21 @@ class SecureMean:
     return jax.random.fold_in(base, round_index)
 
   def __call__(self, server, params, stats, weights: jax.Array) -> tuple:
-    stacked = {"params": params} if stats is None else {"params": params, "batch_stats": stats}
-    reference = reference_like({"params": server.params, "batch_stats": server.batch_stats},
-                               stacked)
+    key = self.round_key(server.round)
+    means = [self.mean(server.params, params, weights, jax.random.fold_in(key, 0), self.protocol)]
+    if stats is not None:  # their own sum: another clip and step
+      means.append(self.mean(server.batch_stats, stats, weights, jax.random.fold_in(key, 1),
+                             self.stats_protocol))
+    return means[0], means[1] if stats is not None else None
+
+  @staticmethod
+  def mean(server_tree, stacked, weights: jax.Array, key: jax.Array, protocol: sa.Settings):
+    """The secure weighted mean of `stacked` `[S, ...]`: each client's update
+    against the server's `server_tree` (`reference_like`), flattened."""
+    reference = reference_like(server_tree, stacked)
     ref_flat, unravel = ravel_pytree(reference)
     updates = jax.vmap(lambda tree: ravel_pytree(tree)[0])(stacked) - ref_flat  # [S, n]
-    mean = ref_flat + sa.secure_weighted_mean(updates, weights, self.round_key(server.round),
-                                              self.protocol)
-    out = unravel(mean)
-    return out["params"], out.get("batch_stats")
+    return unravel(ref_flat + sa.secure_weighted_mean(updates, weights, key, protocol))
 
 
 def secure_teacher_mean(protocol: sa.Settings):
@@ -165,10 +183,11 @@ def with_secure_aggregation(algorithm: alg_lib.Algorithm, config, model) -> alg_
   if not algorithm.shares or isinstance(algorithm.aggregator, SecureMean):
     return algorithm
   protocol = protocol_settings(config)
+  stats_protocol = protocol_settings(config, "batch_stats")
   stages = tuple(kd_lib.Distillation(model, config.kd, config.train,
                                      teacher_mean=secure_teacher_mean(protocol))
                  if isinstance(stage, kd_lib.Distillation) else stage
                  for stage in algorithm.server_stages)
   return dataclasses.replace(algorithm, label=f"{algorithm.label}+SecAgg",
-                             aggregator=SecureMean(protocol, int(config.seed)),
+                             aggregator=SecureMean(protocol, stats_protocol, int(config.seed)),
                              server_stages=stages)
