@@ -20,13 +20,14 @@ NUM_CLASSES = 5
 
 @functools.lru_cache(maxsize=1)
 def model_and_batch():
-  """A tiny re-ID model (frozen statistics), 6 examples (2 of them padding)."""
+  """A tiny re-ID model (frozen statistics), 6 slots (2 of them padding); as
+  identity units of 2 slots: person 0 twice, person 3 once, person 4 once."""
   cfg = fakes.tiny_config()
   model = build_model(cfg.model, NUM_CLASSES)
   variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
                          jnp.zeros((1, 32, 16, 3)), train=False)
   x = jax.random.normal(jax.random.key(1), (6, 32, 16, 3))
-  labels = jnp.array([0, 3, 3, -1, 4, -1], jnp.int32)
+  labels = jnp.array([0, 0, 3, -1, 4, -1], jnp.int32)  # pairs: one person each
   return model, variables["params"], variables["batch_stats"], x, labels
 
 

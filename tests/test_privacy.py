@@ -249,3 +249,15 @@ def test_sgd_record_is_dp_accounting_of_the_steps_so_far():
           direct_epsilon(q, 1.0, steps, 1e-3, "pld") if steps else 0.0, rel=1e-6)
   again = RunPrivacy(cfg, clients, config_lib.describe_algorithm("fedpav", cfg))
   assert again.record(1, None) == privacy.record(1, None)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"dp.delta": 0.1}, "below 1/n = 1/16"),  # the smallest client: 16 images
+    ({"dp.delta": 0.6, "dp.unit": "identity"}, "below 1/n = 1/2"),  # 2 people
+    ({"dp.target_epsilon": 1e-4, "dp.accountant": "rdp"}, "cannot be reached"),
+])
+def test_sgd_mode_refusals_with_the_data(overrides, words):
+  cfg = fakes.tiny_config(**{"dp.mode": "sgd", **overrides})
+  with pytest.raises(ConfigError) as e:
+    RunPrivacy(cfg, fakes.fake_clients(), config_lib.describe_algorithm("fedpav", cfg))
+  assert words in str(e.value) and "\n" not in str(e.value)
