@@ -138,20 +138,33 @@ def test_ditto_personal_models_match_a_plain_loop_over_two_rounds():
   assert_close(flat(exp.server.params), flat(fedpav.server.params), rel=1e-4)
 
 
-@pytest.mark.parametrize("algorithm", ["scaffold", "ditto"])
-def test_every_strategy_gives_the_same_numbers(algorithm):
-  """Two rounds (SCAFFOLD's second is corrected) under the five strategies,
-  against `serial`: the server, the algorithm's state, the clients."""
+ALL_STRATEGIES = ("vmap", "sequential", "sharded", "devices")
+
+
+@pytest.mark.parametrize("algorithm,strategies", [
+    ("scaffold", ALL_STRATEGIES), ("ditto", ALL_STRATEGIES),
+    ("fedbn", ("vmap", "devices")), ("fedprox", ("devices",)), ("fedadam", ("devices",))])
+def test_every_strategy_gives_the_same_numbers(algorithm, strategies):
+  """The new algorithms against `serial`: the server (and its optimizer
+  state), the algorithm's state, the clients. SCAFFOLD and Ditto, whose
+  state lives on the clients, under every strategy; FedBN (its broadcast
+  differs between gathered and in-place rows) under a lockstep one and
+  `devices`; FedProx (its term reaches the step through the same shared
+  input as SCAFFOLD's correction) and FedAdam (a server step after the
+  mean, the same compiled stage for every strategy) under `devices`, the
+  layout furthest from `serial`'s. Two rounds of SCAFFOLD (its second is
+  corrected) and FedAdam (its second step reads the first's moments)."""
   def run(strategy):
     exp = train.Experiment(fakes.tiny_config(**{
         "fed.algorithm": algorithm, "fed.strategy": strategy, "fed.chunk_steps": 2}),
         fakes.fake_clients())
-    for r in range(2 if algorithm == "scaffold" else 1):
+    for r in range(2 if algorithm in ("scaffold", "fedadam") else 1):
       exp.train_round(r)
-    return jax.device_get((exp.server.params, exp.server.algorithm_state,
-                           exp.clients.params, exp.clients.algorithm_state))
+    return jax.device_get((exp.server.params, exp.server.opt_state, exp.server.algorithm_state,
+                           exp.clients.params, exp.clients.batch_stats,
+                           exp.clients.algorithm_state))
   want = run("serial")
-  for strategy in ("vmap", "sequential", "sharded", "devices"):
+  for strategy in strategies:
     got = run(strategy)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       scale = float(np.max(np.abs(a))) + 1e-6
@@ -162,7 +175,7 @@ def test_resume_with_failing_and_slow_clients_is_bit_for_bit(tmp_path):
   """SCAFFOLD with dropout and stragglers: two rounds straight, against one
   round, a relaunch, and the second: the same records and results."""
   settings = {"fed.algorithm": "scaffold", "fed.dropout": 0.34, "fed.straggler_fraction": 0.5,
-              "fed.straggler_steps": 0.5, "fed.rounds": 2}
+              "fed.straggler_steps": 0.5, "fed.rounds": 2, "eval.every_rounds": 2}
   straight = train.run(fakes.tiny_config(**settings), str(tmp_path / "a"), fakes.fake_clients())
   train.run(fakes.tiny_config(**{**settings, "fed.rounds": 1}), str(tmp_path / "b"),
             fakes.fake_clients())
