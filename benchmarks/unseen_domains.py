@@ -107,7 +107,8 @@ def load(args) -> dict:
         continue
       a, b = results(full)["global"], results(held)
       others = [c for c in a if c != d]
-      rows.append((seed, [100 * a[d][m] for m in METRICS], [100 * b["unseen"][d][m] for m in METRICS],
+      rows.append((seed, [100 * a[d][m] for m in METRICS],
+                   [100 * b["unseen"][d][m] for m in METRICS],
                    np.mean([100 * a[c]["rank1"] for c in others]),
                    np.mean([100 * b["global"][c]["rank1"] for c in others])))
     if rows:
@@ -149,7 +150,7 @@ def plot(found: dict, path: str, rounds) -> str:
   """Bars of trained vs unseen rank-1 and mAP per domain (seed mean ± std), seeds as dots."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  fig = Figure(figsize=(max(8.0, 3 + 1.4 * len(found)), 4.2))
+  fig = Figure(figsize=(max(8.0, 3 + 1.4 * len(found)), 4.6))
   FigureCanvasAgg(fig)
   x = np.arange(len(found))
   for k, (ax, metric) in enumerate(zip(fig.subplots(1, 2), ("R-1", "mAP"))):
@@ -165,11 +166,12 @@ def plot(found: dict, path: str, rounds) -> str:
     ax.set_ylabel(f"{metric} (%)")
     ax.set_ylim(0, 100)
     ax.grid(True, axis="y", alpha=0.3)
-  fig.axes[0].legend(fontsize="small", loc="lower left")
+  handles, labels = fig.axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize="small", loc="lower center", ncol=2)
   after = f", {'/'.join(map(str, sorted(rounds, key=str)))} rounds" if rounds else ""
   fig.suptitle(f"FedPav global model on a held-out synthetic domain (seed mean ± std{after})",
                fontsize="medium")
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.07, 1, 1))  # the legend below the panels
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
   return path
