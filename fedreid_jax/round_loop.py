@@ -119,8 +119,8 @@ def evaluate(loop: Loop) -> None:
     shown["global before KD"] = before["global"]
   for kind, per_client in shown.items():
     mean_r1 = np.mean([v["rank1"] for v in per_client.values()])
-    logging.info("round %d eval (%s models): mean rank-1 %.1f%%", loop.number, kind,
-                 100 * mean_r1)
+    what = "global model on unseen domains" if kind == "unseen" else f"{kind} models"
+    logging.info("round %d eval (%s): mean rank-1 %.1f%%", loop.number, what, 100 * mean_r1)
   loop.writer.write(loop.number, "eval", record)
 
 

@@ -27,16 +27,32 @@ def spied(client, name: str, reads: list):
                              train=dataclasses.replace(client.train, read_image=spy))
 
 
+class Lines(logging.Handler):
+  """The messages logged while it is attached."""
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def held_out_run(tmp_path_factory):
   """Two rounds of FedPav on the first two fake clients, the third unseen;
-  `(workdir, reads)`."""
-  reads = []
+  `(workdir, reads, log text)`."""
+  reads, lines, root = [], Lines(), logging.getLogger()
   clients = [spied(c, n, reads) for c, n in zip(fakes.fake_clients(), NAMES)]
   workdir = tmp_path_factory.mktemp("unseen")
   cfg = fakes.tiny_config(**{"eval.unseen": ("syn_viper",), "eval.client_models": False})
-  train.run(cfg, str(workdir), clients)
-  return workdir, reads
+  level, _ = root.level, root.addHandler(lines)
+  root.setLevel(logging.INFO)
+  try:
+    train.run(cfg, str(workdir), clients)
+  finally:
+    root.removeHandler(lines)
+    root.setLevel(level)
+  return workdir, reads, "\n".join(lines.lines)
 
 
 def records(workdir, kind):
@@ -45,7 +61,7 @@ def records(workdir, kind):
 
 
 def test_unseen_client_never_trains(held_out_run):
-  workdir, reads = held_out_run
+  workdir, reads, _ = held_out_run
   assert "syn_market" in reads and "syn_duke" in reads  # the spy sees what training reads
   assert "syn_viper" not in reads
   for record in records(workdir, "train"):
@@ -56,7 +72,8 @@ def test_unseen_client_never_trains(held_out_run):
 
 
 def test_unseen_client_gets_global_model_entries(held_out_run):
-  workdir, _ = held_out_run
+  workdir, _, log = held_out_run
+  assert "round 2 eval (global model on unseen domains): mean rank-1" in log
   evals = records(workdir, "eval")
   assert [r["round"] for r in evals] == [1, 2]
   for record in evals:
