@@ -21,7 +21,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
-import time
 from pathlib import Path
 
 PACKAGE = "fedreid_jax"
@@ -213,10 +212,8 @@ def package_graph() -> Graph:
 
 
 def test_no_import_circle_between_files():
-  start = time.perf_counter()
   graph = package_graph()
   cycles = describe_cycles(graph)
-  assert time.perf_counter() - start < 1.0
   assert len(graph.files) > 10 and graph.edges  # the package was found and parsed
   assert not cycles, "\n".join(cycles)
 
