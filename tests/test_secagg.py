@@ -2,7 +2,9 @@
 algorithms up to the quantisation error, the server's sum sees only masked
 vectors, dropout is recovered, resume is bit-for-bit, bad input is one line."""
 import json
+import logging
 import os
+import shutil
 import types
 
 import jax
@@ -117,22 +119,24 @@ def _records(workdir):
             for line in f]
 
 
-def test_resume_in_the_middle_of_a_secure_run_is_bit_for_bit(tmp_path):
-  settings = {"fed.algorithm": "fedpav", "fed.dropout": 0.34,
-              "eval.every_rounds": 2, "eval.client_models": False, **SECURE}
-  cfg = fakes.tiny_config(**settings, **{"fed.rounds": 2})
+def test_resume_in_the_middle_of_a_secure_run_is_bit_for_bit(tmp_path, caplog):
+  cfg = fakes.tiny_config(**{"fed.algorithm": "fedpav", "fed.dropout": 0.34, "fed.rounds": 2,
+                             "eval.every_rounds": 2, "eval.client_models": False, **SECURE})
   cfg.checkpoint_every = 1
   clients = fakes.fake_clients()
-  public = clients[0].train
-  train.run(cfg, str(tmp_path / "straight"), clients, public)
-  short = fakes.tiny_config(**settings, **{"fed.rounds": 1})
-  short.checkpoint_every = 1
-  train.run(short, str(tmp_path / "resumed"), clients, public)
-  train.run(cfg, str(tmp_path / "resumed"), clients, public)
-  trained = lambda run: [r for r in _records(tmp_path / run) if r["kind"] == "train"]
-  assert trained("resumed") == trained("straight")  # the short run also evaluated round 1
-  for name in ("results.json", *(f"export/{f}" for f in os.listdir(tmp_path / "straight/export"))):
-    assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train.run(cfg, str(straight), clients, clients[0].train)
+  shutil.copytree(straight, resumed)  # the same run, stopped after round 1's checkpoint
+  shutil.rmtree(resumed / "checkpoints" / "2")
+  for leftover in [*(resumed / "checksums").glob("2.*"), resumed / "results.json"]:
+    leftover.unlink()
+  shutil.rmtree(resumed / "export")
+  caplog.set_level(logging.INFO)
+  train.run(cfg, str(resumed), clients, clients[0].train)  # resumes after round 1
+  assert _records(resumed) == _records(straight)
+  for name in ("results.json", *(f"export/{f}" for f in os.listdir(straight / "export"))):
+    assert (resumed / name).read_bytes() == (straight / name).read_bytes()
+  assert "after round 1" in caplog.text  # it did resume
 
 
 @pytest.mark.parametrize("overrides, message", [
