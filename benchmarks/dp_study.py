@@ -13,7 +13,8 @@ Reduced scale so that the whole grid fits ~45 minutes of a shared 2-core CPU
 - client-level: FedPav over syn_msmt17 split by identity into
   `--clients` clients, Poisson rate 0.2, batch 8, `--client_rounds` rounds;
   non-private FedPav on the same split, then each of `--client_sigmas`
-  (clip 0.5, delta 1e-3 < 1/clients).
+  (clip 0.5, delta 1e-3 < 1/clients); learning rates `--client_lr` (0.01:
+  the default 0.05 diverged at batch 8 even without DP).
 
 Every run is `train.run` in its own workdir `<out>/<name>_s<seed>`; a
 finished one (results.json) is not rerun. Seeds run one after another, each
@@ -52,6 +53,8 @@ def parse_args(argv=None):
   p.add_argument("--clients", type=int, default=50)
   p.add_argument("--client_rounds", type=int, default=4)
   p.add_argument("--client_sigmas", type=float, nargs="+", default=[0.5])
+  p.add_argument("--client_lr", type=float, default=0.01,
+                 help="both learning rates of the client-level runs (batch 8: 0.05 diverged)")
   p.add_argument("--parts", nargs="+", default=["sgd", "client"], choices=["sgd", "client"])
   p.add_argument("--data_root", default=str(ROOT / "data"))
   p.add_argument("--budget_s", type=float, default=45 * 60,
@@ -82,6 +85,7 @@ def grid(args):
   if "client" in args.parts:
     cl = {"data.clients": ("syn_msmt17",), "data.scenario": "by_identity",
           "data.scenario_clients": args.clients, "train.batch_size": 8,
+          "train.lr_backbone": args.client_lr, "train.lr_head": args.client_lr,
           "fed.rounds": args.client_rounds, "dp.delta": 1e-3, "dp.client_rate": 0.2,
           "dp.clip_norm": 0.5}
     runs.append(("client_off", "client", "non-private", cl))
