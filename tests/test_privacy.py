@@ -190,11 +190,10 @@ def test_client_dp_round_and_resumed_accounting():
   assert [i for i in range(3) if record[f"client/c{i}/weight"] > 0] == list(sampled)
   assert record["privacy/epsilon"] == pytest.approx(direct_epsilon(0.7, 1.0, 1, 1e-3, "pld"),
                                                     rel=1e-6)
-  resumed = train.Experiment(fakes.tiny_config(**dp, **{"dp.noise_multiplier": 5.0}),
-                             fakes.fake_clients())
-  resumed.state = exp.state  # what the checkpoint restores
-  for r in (1, 2):
-    entry = resumed.privacy.record(r, resumed.server)
+  other = fakes.tiny_config(**dp, **{"dp.noise_multiplier": 5.0})
+  resumed = RunPrivacy(other, fakes.fake_clients(), config_lib.describe_algorithm("fedpav", other))
+  for r in (1, 2):  # the server state as the checkpoint restores it
+    entry = resumed.record(r, exp.server)
     assert entry["privacy/noise_multiplier"] == 1.0 and entry["privacy/rounds"] == r + 1
     assert entry["privacy/epsilon"] == pytest.approx(
         direct_epsilon(0.7, 1.0, r + 1, 1e-3, "pld"), rel=1e-6)
