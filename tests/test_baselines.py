@@ -22,7 +22,7 @@ from fedreid_jax.federated import rounds
 from fedreid_jax.federated.state import ClientStates, ServerState
 from fedreid_jax.models.reid import build_model
 
-NAMES = ("fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedbn")
+NAMES = ("fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedbn", "scaffold", "ditto")
 
 
 class TinyModel(nn.Module):
@@ -69,6 +69,8 @@ def test_registered_after_the_built_ins_with_their_compositions():
   assert labels["fedbn_kd"].needs_public and labels["fedbn_kd"].keep_local is not None
   assert labels["fedadam_kd"].server_optimizer is not None
   assert labels["fedprox"].client_regularizer is not None
+  assert labels["scaffold_kd_cdw"].label == "SCAFFOLD+KD+CDW"
+  assert labels["scaffold"].after_training is not None and labels["ditto"].personal_mu == 0.01
 
 
 def test_fedprox_adds_its_gradient_to_one_plain_sgd_step():
